@@ -1,0 +1,13 @@
+"""Procedurally rendered multi-modal humans: the embedded default dataset (see SyntheticHumans)."""
+
+# MPII-16 joint order (../shared/DESIGN.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
+JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
+FLIP_JOINTS = [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
+
+# 0 background + the 24 parts in the paper's table order. FLIP_PARTS[p] is the label p becomes when mirrored.
+PART_NAMES = ["background", "right_hip", "right_knee", "right_foot", "left_hip", "left_knee", "left_foot",
+              "left_shoulder", "left_elbow", "left_hand", "right_shoulder", "right_elbow", "right_hand", "crotch",
+              "right_thigh", "right_calf", "left_thigh", "left_calf", "lower_spine", "upper_spine", "head",
+              "left_arm", "left_forearm", "right_arm", "right_forearm"]
+FLIP_PARTS = [0, 4, 5, 6, 1, 2, 3, 10, 11, 12, 7, 8, 9, 13, 16, 17, 14, 15, 18, 19, 20, 23, 24, 21, 22]
