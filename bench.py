@@ -28,13 +28,18 @@ def timeit(fn, warmup=2, iters=10):
     return statistics.median(times)
 
 
-SECTIONS = {}
+# Each section: name -> function printing its table. Sections are added above this line.
+SECTIONS = {
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="*", choices=[[]] + list(SECTIONS), help="default: all")
+    parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     for name in args.sections or SECTIONS:
