@@ -1,0 +1,438 @@
+"""The three encoder families of HCMoCo (Sec. 3.4): HRNet for images, SemGCN for 2D keypoints, PointNet++ for
+depth points. Plain PyTorch, no compiled extensions; only torch is imported, so the file can be copied alone.
+
+    HRNet      RGB [B,3,H,W] or depth [B,1|3,H,W] -> 4 maps at 1/4, 1/8, 1/16, 1/32 with width x (1, 2, 4, 8) channels
+    SemGCN     keypoints [B,16,2] (+ visibility)   -> joint features [B,16,hidden]
+    PointNet2  points [B,N,3] (+ features)          -> per-point features [B,C,N]
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_MOMENTUM = 0.1  # as the official HRNet segmentation code
+
+
+# ----------------------------------------------------------------------------------------------------------- HRNet
+def conv_bn(cin, cout, kernel, stride=1, relu=True):
+    """Conv (no bias) + BN (+ ReLU) as an nn.Sequential, so state_dict keys read `.0.weight`, `.1.weight`."""
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, momentum=BN_MOMENTUM)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def make_blocks(block, cin, planes, n):
+    """n blocks; the first one projects cin -> planes * expansion with a 1x1 conv-BN `downsample` when needed."""
+    cout = planes * block.expansion
+    down = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
+                                                  nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+    return nn.Sequential(block(cin, planes, downsample=down), *[block(cout, planes) for _ in range(n - 1)])
+
+
+class HighResolutionModule(nn.Module):
+    """Parallel branches of BasicBlocks, then every branch i receives the sum of all branches j resampled to it:
+    j > i: 1x1 conv-BN then bilinear upsampling; j < i: (i - j) stride-2 3x3 convs; j == i: identity."""
+
+    def __init__(self, channels, blocks):
+        super().__init__()
+        n = len(channels)
+        self.branches = nn.ModuleList(make_blocks(BasicBlock, c, c, blocks) for c in channels)
+        self.fuse_layers = nn.ModuleList()
+        for i in range(n):
+            row = nn.ModuleList()
+            for j in range(n):
+                if j > i:
+                    row.append(conv_bn(channels[j], channels[i], 1, relu=False))
+                elif j == i:
+                    row.append(None)
+                else:  # i - j stride-2 convs; only the last one changes the width and has no ReLU
+                    row.append(nn.Sequential(*[conv_bn(channels[j], channels[j], 3, 2) for _ in range(i - j - 1)],
+                                             conv_bn(channels[j], channels[i], 3, 2, relu=False)))
+            self.fuse_layers.append(row)
+
+    def forward(self, xs):
+        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        out = []
+        for i, row in enumerate(self.fuse_layers):
+            y = xs[i]
+            for j, fuse in enumerate(row):
+                if j > i:
+                    y = y + F.interpolate(fuse(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=True)
+                elif j < i:
+                    y = y + fuse(xs[j])
+            out.append(F.relu(y))
+        return out
+
+
+class HRNet(nn.Module):
+    """HRNetV2 backbone (Sun et al., 2019) with the official state_dict names, so ImageNet checkpoints load.
+
+    stem: two stride-2 3x3 conv-BN-ReLU (conv1/bn1, conv2/bn2) -> layer1: `stem_blocks` Bottlenecks ->
+    transition1, stage2 (2 branches), transition2, stage3 (3 branches), transition3, stage4 (4 branches), stage k
+    made of `modules[k-2]` HighResolutionModules of `blocks` BasicBlocks per branch.
+    Output: 4 maps at 1/4, 1/8, 1/16, 1/32 of the input with `out_channels` = width x (1, 2, 4, 8) channels.
+
+    The published HRNet-W18 is the default (9,562,260 parameters); `HRNet.small()` is the same family made
+    narrow and shallow for CPU training.
+    """
+
+    def __init__(self, width=18, in_channels=3, stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3)):
+        super().__init__()
+        self.out_channels = [width, 2 * width, 4 * width, 8 * width]
+        self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(stem_channels, stem_channels, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.layer1 = make_blocks(Bottleneck, stem_channels, stem_channels, stem_blocks)
+        pre = [stem_channels * Bottleneck.expansion]
+        for k, n_modules in zip((2, 3, 4), modules):
+            cur = self.out_channels[:k]
+            setattr(self, f"transition{k - 1}", self._transition(pre, cur))
+            setattr(self, f"stage{k}", nn.Sequential(*[HighResolutionModule(cur, blocks) for _ in range(n_modules)]))
+            pre = cur
+        self._init_weights()
+
+    @staticmethod
+    def _transition(pre, cur):
+        """Existing branches change width with a 3x3 conv-BN-ReLU (None when equal); a new branch comes from the
+        lowest-resolution existing one through a stride-2 3x3 conv-BN-ReLU."""
+        layers = nn.ModuleList()
+        for i, c in enumerate(cur):
+            if i < len(pre):
+                layers.append(None if pre[i] == c else conv_bn(pre[i], c, 3))
+            else:
+                layers.append(nn.Sequential(conv_bn(pre[-1], c, 3, 2)))
+        return layers
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.001)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def small(cls, in_channels=3, width=16):
+        """The CPU configuration: same architecture family, 1 BasicBlock per branch, 1 module per stage."""
+        return cls(width=width, in_channels=in_channels, stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1))
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        xs = [self.layer1(x)]
+        for k in (2, 3, 4):
+            transition = getattr(self, f"transition{k - 1}")
+            # a new branch grows from the lowest-resolution map so far
+            xs = [xs[min(i, len(xs) - 1)] if t is None else t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(transition)]
+            xs = getattr(self, f"stage{k}")(xs)
+        return xs  # [B, w, H/4, W/4], [B, 2w, H/8, W/8], [B, 4w, H/16, W/16], [B, 8w, H/32, W/32]
+
+    def load_pretrained(self, path):
+        """Load an official HRNet checkpoint (e.g. hrnetv2_w18_imagenet_pretrained.pth) with strict=False.
+
+        Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' / 'backbone.' prefixes.
+        Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Returns and prints the report
+        {'missing': [...], 'unexpected': [...], 'mismatched': [...]}."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            state = state.get(key, state) if isinstance(state, dict) else state
+        own = self.state_dict()
+        clean = {}
+        for k, v in state.items():
+            for prefix in ("module.", "backbone."):
+                k = k[len(prefix):] if k.startswith(prefix) else k
+            clean[k] = v
+        mismatched = [k for k, v in clean.items() if k in own and own[k].shape != v.shape]
+        result = self.load_state_dict({k: v for k, v in clean.items() if k not in mismatched}, strict=False)
+        report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
+                  "mismatched": mismatched}
+        print(f"HRNet.load_pretrained({path}): {len(own) - len(report['missing'])}/{len(own)} tensors loaded, "
+              + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
+        return report
+
+
+def merge_maps(maps):
+    """HRNetV2 representation: upsample the 4 maps to the 1/4 map's size (bilinear) and concatenate.
+    [B,w,h,w'], [B,2w,..], [B,4w,..], [B,8w,..] -> [B, 15w, h, w']"""
+    size = maps[0].shape[-2:]
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps[1:]], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------- SemGCN
+# MPII-16 order (0 r-ankle ... 15 l-wrist); the parent of each joint, the pelvis (6) being the root.
+MPII_PARENTS = [1, 2, 6, 6, 3, 4, -1, 6, 7, 8, 11, 12, 7, 7, 13, 14]
+
+
+def skeleton_adjacency(parents):
+    """[J, J] bool adjacency with self loops from a parent list."""
+    J = len(parents)
+    adj = torch.eye(J, dtype=torch.bool)
+    for j, p in enumerate(parents):
+        if p >= 0:
+            adj[j, p] = adj[p, j] = True
+    return adj
+
+
+class SemGraphConv(nn.Module):
+    """Semantic graph convolution (Zhao et al., CVPR 2019):
+
+        h'_i = W_0 h_i * a_ii + sum_{j in N(i), j != i} a_ij W_1 h_j,   a_i = softmax_j over N(i) ∪ {i} of M_ij
+
+    with a learnable score M_ij per edge of the skeleton. Joints marked invisible send no messages: their scores
+    are masked out of their neighbours' softmax (a joint always keeps its self loop)."""
+
+    def __init__(self, cin, cout, adjacency):
+        super().__init__()
+        self.register_buffer("adjacency", adjacency)
+        self.W = nn.Parameter(torch.empty(2, cin, cout))
+        nn.init.xavier_uniform_(self.W, gain=1.414)
+        self.M = nn.Parameter(torch.ones(int(adjacency.sum())))  # one score per edge, as in the paper
+        self.bias = nn.Parameter(torch.zeros(cout))
+
+    def forward(self, h, visible=None):
+        # h: [B, J, cin], visible: [B, J] bool or None
+        J = h.shape[1]
+        eye = torch.eye(J, dtype=torch.bool, device=h.device)
+        scores = torch.full((J, J), float("-inf"), device=h.device, dtype=h.dtype)
+        scores = scores.masked_scatter(self.adjacency, self.M.to(h.dtype))  # [J, J]
+        if visible is not None:
+            scores = scores.masked_fill(~visible[:, None, :] & ~eye, float("-inf"))  # [B, J, J]
+        a = scores.softmax(dim=-1)
+        h0, h1 = h @ self.W[0], h @ self.W[1]  # [B, J, cout]
+        return (a * eye) @ h0 + (a * ~eye) @ h1 + self.bias
+
+
+class GraphConvBlock(nn.Module):
+    """SemGraphConv -> BN over channels -> ReLU."""
+
+    def __init__(self, cin, cout, adjacency):
+        super().__init__()
+        self.gconv = SemGraphConv(cin, cout, adjacency)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, h, visible=None):
+        return F.relu(self.bn(self.gconv(h, visible).transpose(1, 2)).transpose(1, 2))
+
+
+class ResGraphBlock(nn.Module):
+    def __init__(self, hidden, adjacency):
+        super().__init__()
+        self.a = GraphConvBlock(hidden, hidden, adjacency)
+        self.b = GraphConvBlock(hidden, hidden, adjacency)
+
+    def forward(self, h, visible=None):
+        return h + self.b(self.a(h, visible), visible)
+
+
+class SemGCN(nn.Module):
+    """Keypoint encoder: SemGraphConv input layer, `layers` residual blocks of two SemGraphConvs, output layer.
+
+    keypoints [B, J, in_dim] (normalised coordinates), visible [B, J] bool or None -> [B, J, hidden].
+    Invisible joints' inputs are zeroed and they feed no neighbour at any layer."""
+
+    def __init__(self, hidden=128, layers=4, in_dim=2, parents=MPII_PARENTS):
+        super().__init__()
+        adjacency = skeleton_adjacency(parents)
+        self.input = GraphConvBlock(in_dim, hidden, adjacency)
+        self.blocks = nn.ModuleList(ResGraphBlock(hidden, adjacency) for _ in range(layers))
+        self.output = SemGraphConv(hidden, hidden, adjacency)
+
+    def forward(self, keypoints, visible=None):
+        if visible is not None:
+            keypoints = keypoints * visible[..., None]
+        h = self.input(keypoints, visible)
+        for block in self.blocks:
+            h = block(h, visible)
+        return self.output(h, visible)
+
+
+# ------------------------------------------------------------------------------------------------------- PointNet++
+def farthest_point_sample(xyz, npoint, valid=None):
+    """Iterative farthest point sampling: pick 0 is the first valid point, pick k the point farthest from picks
+    0..k-1. The loop runs over the npoint picks (inherently sequential); each pick is vectorised over B and N.
+    xyz [B, N, 3], valid [B, N] bool or None -> idx [B, npoint] long. Invalid points are never picked while a
+    valid one remains."""
+    B, N, _ = xyz.shape
+    valid = torch.ones(B, N, dtype=torch.bool, device=xyz.device) if valid is None else valid
+    dist = torch.full((B, N), float("inf"), device=xyz.device).masked_fill(~valid, -1.0)  # [B, N]
+    idx = torch.empty(B, npoint, dtype=torch.long, device=xyz.device)
+    current = valid.float().argmax(dim=1)  # [B]
+    batch = torch.arange(B, device=xyz.device)
+    for k in range(npoint):
+        idx[:, k] = current
+        d = ((xyz - xyz[batch, current][:, None]) ** 2).sum(-1)  # [B, N]
+        dist = torch.where(valid, torch.minimum(dist, d), dist)
+        current = dist.argmax(dim=1)
+    return idx
+
+
+def ball_query(radius, nsample, xyz, centers, valid=None):
+    """The first `nsample` points (in index order) within `radius` of each centre; slots left over repeat the first
+    one found, as in PointNet++. xyz [B, N, 3], centers [B, S, 3] -> idx [B, S, nsample] long."""
+    B, N, _ = xyz.shape
+    inside = torch.cdist(centers, xyz) <= radius  # [B, S, N]
+    if valid is not None:
+        inside &= valid[:, None, :]
+    order = torch.arange(N, device=xyz.device).expand_as(inside)
+    idx = torch.where(inside, order, N).sort(dim=-1).values[..., :nsample]  # [B, S, nsample], N = empty slot
+    first = idx[..., :1]
+    return torch.where(idx == N, first, idx).clamp(max=N - 1)
+
+
+def gather(x, idx):
+    """x [B, N, C], idx [B, ...] -> [B, ..., C]."""
+    B = x.shape[0]
+    return x[torch.arange(B, device=x.device).view(B, *[1] * (idx.dim() - 1)), idx]
+
+
+class SetAbstraction(nn.Module):
+    """Sample `npoint` centres (FPS), group neighbours per radius (ball query), shared MLP on [xyz - centre, feats],
+    max-pool over each group; multi-scale grouping concatenates the scales."""
+
+    def __init__(self, npoint, radii, nsamples, cin, mlps):
+        super().__init__()
+        self.npoint, self.radii, self.nsamples = npoint, radii, nsamples
+        self.mlps = nn.ModuleList()
+        for mlp in mlps:
+            layers, c = [], cin + 3
+            for cout in mlp:
+                layers += [nn.Conv2d(c, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+                c = cout
+            self.mlps.append(nn.Sequential(*layers))
+        self.out_channels = sum(mlp[-1] for mlp in mlps)
+
+    def forward(self, xyz, feats, valid=None):
+        # xyz [B, N, 3], feats [B, N, C] or None -> centres [B, S, 3], features [B, S, C']
+        centers = gather(xyz, farthest_point_sample(xyz, self.npoint, valid))  # [B, S, 3]
+        outs = []
+        for radius, k, mlp in zip(self.radii, self.nsamples, self.mlps):
+            idx = ball_query(radius, k, xyz, centers, valid)  # [B, S, K]
+            grouped = gather(xyz, idx) - centers[:, :, None]  # [B, S, K, 3]
+            if feats is not None:
+                grouped = torch.cat([grouped, gather(feats, idx)], dim=-1)  # [B, S, K, 3 + C]
+            outs.append(mlp(grouped.permute(0, 3, 1, 2)).amax(dim=-1))  # [B, C', S]
+        return centers, torch.cat(outs, dim=1).transpose(1, 2)
+
+
+class FeaturePropagation(nn.Module):
+    """Interpolate coarse features onto dense points by inverse distance over the 3 nearest coarse points,
+    concatenate the dense points' own features, shared MLP."""
+
+    def __init__(self, cin, mlp):
+        super().__init__()
+        layers, c = [], cin
+        for cout in mlp:
+            layers += [nn.Conv1d(c, cout, 1, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True)]
+            c = cout
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, xyz, coarse_xyz, feats, coarse_feats):
+        # xyz [B, N, 3], coarse_xyz [B, S, 3], feats [B, N, C] or None, coarse_feats [B, S, C'] -> [B, N, mlp[-1]]
+        interp = three_nn_interpolate(xyz, coarse_xyz, coarse_feats)  # [B, N, C']
+        x = interp if feats is None else torch.cat([interp, feats], dim=-1)
+        return self.mlp(x.transpose(1, 2)).transpose(1, 2)
+
+
+def three_nn_interpolate(xyz, src_xyz, src_feats, eps=1e-8):
+    """f(x) = sum_{k in 3-NN(x)} w_k f_k / sum_k w_k, w_k = 1 / (||x - x_k|| + eps).
+    xyz [B, N, 3], src_xyz [B, S, 3], src_feats [B, S, C] -> [B, N, C]."""
+    d, idx = torch.cdist(xyz, src_xyz).topk(min(3, src_xyz.shape[1]), dim=-1, largest=False)  # [B, N, 3]
+    w = 1.0 / (d + eps)
+    w = w / w.sum(-1, keepdim=True)
+    return (gather(src_feats, idx) * w[..., None]).sum(dim=2)
+
+
+class PointNet2(nn.Module):
+    """PointNet++ (Qi et al., 2017) segmentation-style encoder: 3 multi-scale set abstractions, 3 feature
+    propagations back to every input point. Radii are in the units of the points (metres for depth clouds).
+
+    points [B, N, 3], feats [B, N, in_features] or None, valid [B, N] bool or None -> [B, out_channels, N]."""
+
+    def __init__(self, in_features=0, out_channels=128, npoints=(512, 128, 32), radii=((0.05, 0.1), (0.1, 0.2),
+                 (0.2, 0.4)), nsamples=(16, 32), width=32):
+        super().__init__()
+        w = width
+        self.sa1 = SetAbstraction(npoints[0], radii[0], nsamples, in_features, [[w, w, 2 * w], [w, w, 2 * w]])
+        self.sa2 = SetAbstraction(npoints[1], radii[1], nsamples, self.sa1.out_channels, [[2 * w, 4 * w]] * 2)
+        self.sa3 = SetAbstraction(npoints[2], radii[2], nsamples, self.sa2.out_channels, [[4 * w, 8 * w]] * 2)
+        self.fp3 = FeaturePropagation(self.sa3.out_channels + self.sa2.out_channels, [8 * w, 8 * w])
+        self.fp2 = FeaturePropagation(8 * w + self.sa1.out_channels, [8 * w, 4 * w])
+        self.fp1 = FeaturePropagation(4 * w + in_features, [4 * w, out_channels])
+        self.out_channels = out_channels
+
+    def forward(self, points, feats=None, valid=None):
+        x1, f1 = self.sa1(points, feats, valid)
+        x2, f2 = self.sa2(x1, f1)
+        x3, f3 = self.sa3(x2, f2)
+        f2 = self.fp3(x2, x3, f2, f3)
+        f1 = self.fp2(x1, x2, f1, f2)
+        return self.fp1(points, x1, feats, f1).transpose(1, 2)  # [B, C, N]
+
+
+def depth_to_points(depth, intrinsics):
+    """Back-project a depth map: X = (u - cx) Z / fx, Y = (v - cy) Z / fy (camera frame, metres).
+    depth [B, 1, H, W] (0 = no return), intrinsics [B, 3, 3] -> points [B, H*W, 3], valid [B, H*W] bool."""
+    B, _, H, W = depth.shape
+    v, u = torch.meshgrid(torch.arange(H, device=depth.device, dtype=depth.dtype),
+                          torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
+    z = depth.reshape(B, H * W)
+    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
+    cx, cy = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None]
+    points = torch.stack([(u.reshape(1, -1) - cx) * z / fx, (v.reshape(1, -1) - cy) * z / fy, z], dim=-1)
+    return points, z > 0
+
+
+def points_to_map(feats, pixels, valid, image_size, size):
+    """Scatter per-point features onto a dense map, averaging the points that fall into each cell; empty cells
+    are 0. This is how the PointNet++ variant yields a pixel-aligned map for the dense loss.
+    feats [B, C, N], pixels [B, N, 2] (x, y) in an image of `image_size` (H, W), valid [B, N] -> [B, C, h, w]."""
+    B, C, N = feats.shape
+    (H, W), (h, w) = image_size, size
+    col = (pixels[..., 0] * w / W).long().clamp(0, w - 1)
+    row = (pixels[..., 1] * h / H).long().clamp(0, h - 1)
+    cell = (row * w + col).masked_fill(~valid, h * w)  # [B, N]; invalid points go to a dump cell
+    total = feats.new_zeros(B, C, h * w + 1).scatter_add_(2, cell[:, None].expand(B, C, N), feats)
+    count = feats.new_zeros(B, 1, h * w + 1).scatter_add_(2, cell[:, None], torch.ones_like(feats[:, :1]))
+    return (total / count.clamp(min=1))[..., :h * w].reshape(B, C, h, w)
+
+
+def pixel_grid(H, W, device=None):
+    """[H*W, 2] (x, y) coordinates of every pixel, in the order depth_to_points flattens them."""
+    v, u = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1).float()

@@ -1,0 +1,135 @@
+"""encoders.py: shapes, official HRNet names and size, gradients, PointNet++ primitives against brute force,
+SemGCN graph locality and visibility masking."""
+import pytest
+import torch
+
+import encoders as E
+
+
+def test_hrnet_w18_matches_the_official_backbone():
+    net = E.HRNet(width=18)
+    assert sum(p.numel() for p in net.parameters()) == 9_562_260
+    keys = net.state_dict()
+    # a sample of official HRNetV2 names, one per kind of sub-module
+    for k in ["conv1.weight", "bn2.running_var", "layer1.0.downsample.0.weight", "layer1.3.conv3.weight",
+              "transition1.0.0.weight", "transition1.1.0.0.weight", "transition2.2.0.0.weight",
+              "transition3.3.0.1.bias", "stage2.0.branches.1.3.conv2.weight", "stage3.3.fuse_layers.0.2.1.weight",
+              "stage4.2.fuse_layers.3.0.0.0.weight", "stage4.2.fuse_layers.3.0.2.1.running_mean",
+              "stage4.2.fuse_layers.3.2.0.0.weight"]:
+        assert k in keys, k
+    assert keys["transition3.3.0.0.weight"].shape == (144, 72, 3, 3)
+    assert keys["stage4.0.fuse_layers.0.3.0.weight"].shape == (18, 144, 1, 1)
+    assert "transition2.0.0.weight" not in keys  # equal widths: no transition conv, as in the official code
+    assert E.HRNet(width=32).out_channels == [32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_small_hrnet_shapes_and_every_parameter_gets_a_gradient(in_channels):
+    net = E.HRNet.small(in_channels=in_channels, width=8)
+    maps = net(torch.randn(2, in_channels, 64, 96))
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 16, 24), (2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
+    merged = E.merge_maps(maps)
+    assert merged.shape == (2, 120, 16, 24) and merged.dtype == torch.float32
+    merged.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_load_pretrained_reports_and_skips_mismatches(tmp_path, capsys):
+    src = E.HRNet.small(width=8)
+    state = {"module." + k: v for k, v in src.state_dict().items()}
+    state["module.incre_modules.0.weight"] = torch.zeros(1)
+    torch.save({"state_dict": state}, tmp_path / "ckpt.pth")
+    dst = E.HRNet.small(in_channels=1, width=8)
+    report = dst.load_pretrained(tmp_path / "ckpt.pth")
+    assert report["mismatched"] == ["conv1.weight"] and report["unexpected"] == ["incre_modules.0.weight"]
+    assert report["missing"] == ["conv1.weight"]
+    torch.testing.assert_close(dst.stage4[0].branches[3][0].conv2.weight, src.stage4[0].branches[3][0].conv2.weight)
+    assert "loaded" in capsys.readouterr().out
+
+
+def test_semgcn_shapes_and_graph_locality():
+    gcn = E.SemGCN(hidden=16, layers=2).eval()
+    x = torch.randn(2, 16, 2)
+    assert gcn(x).shape == (2, 16, 16)
+    layer = gcn.input.gconv
+    x2 = x.clone()
+    x2[:, 9] += 1.0  # head-top: neighbour of upper-neck (8) only
+    changed = (layer(x2) - layer(x)).abs().sum(dim=(0, 2)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [8, 9]
+    x3 = x.clone()
+    x3[:, 6] += 1.0  # pelvis: r-hip, l-hip, thorax
+    changed = (layer(x3) - layer(x)).abs().sum(dim=(0, 2)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [2, 3, 6, 7]
+
+
+def test_semgcn_invisible_joints_feed_nobody():
+    gcn = E.SemGCN(hidden=8, layers=2).eval()
+    x = torch.randn(1, 16, 2)
+    visible = torch.ones(1, 16, dtype=torch.bool)
+    visible[0, 10] = False  # r-wrist
+    x2 = x.clone()
+    x2[0, 10] = torch.randn(2) * 10
+    out, out2 = gcn(x, visible), gcn(x2, visible)
+    torch.testing.assert_close(out, out2)
+    assert not torch.allclose(gcn(x), gcn(x2))
+
+
+def test_farthest_point_sampling_matches_brute_force():
+    xyz = torch.randn(2, 40, 3)
+    idx = E.farthest_point_sample(xyz, 8)
+    for b in range(2):
+        picks = [0]
+        for _ in range(7):
+            d = torch.stack([((xyz[b] - xyz[b, p]) ** 2).sum(-1) for p in picks]).min(0).values
+            picks.append(int(d.argmax()))
+        assert idx[b].tolist() == picks
+
+
+def test_farthest_point_sampling_skips_invalid_points():
+    xyz = torch.randn(1, 30, 3)
+    valid = torch.rand(1, 30) > 0.5
+    xyz[~valid] = 100.0  # far away: would be picked first if invalid points counted
+    assert valid[0, E.farthest_point_sample(xyz, 5, valid)[0]].all()
+
+
+def test_ball_query_returns_only_points_within_radius():
+    xyz = torch.rand(2, 200, 3)
+    centers = xyz[:, :10]
+    idx = E.ball_query(0.2, 8, xyz, centers)
+    assert idx.shape == (2, 10, 8)
+    d = (E.gather(xyz, idx) - centers[:, :, None]).norm(dim=-1)
+    assert (d <= 0.2 + 1e-6).all()
+    # the first in-radius indices, in index order
+    inside = (torch.cdist(centers, xyz) <= 0.2)[0, 3].nonzero().flatten()[:8].tolist()
+    assert idx[0, 3, :len(inside)].tolist() == inside
+
+
+def test_three_nn_interpolation_reproduces_source_values():
+    src = torch.randn(2, 20, 3)
+    f = torch.randn(2, 20, 5)
+    torch.testing.assert_close(E.three_nn_interpolate(src, src, f), f, atol=1e-4, rtol=1e-4)
+
+
+def test_pointnet2_shapes_and_gradients():
+    net = E.PointNet2(in_features=1, out_channels=16, npoints=(32, 16, 8), width=4)
+    pts = torch.rand(2, 100, 3)
+    out = net(pts, pts[..., 2:], valid=torch.rand(2, 100) > 0.2)
+    assert out.shape == (2, 16, 100)
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_depth_to_points_and_back_to_a_map():
+    K = torch.tensor([[[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]]])
+    depth = torch.zeros(1, 1, 6, 8)
+    depth[0, 0, 1, 2] = 2.0
+    pts, valid = E.depth_to_points(depth, K)
+    assert valid.sum() == 1
+    torch.testing.assert_close(pts[0, 1 * 8 + 2], torch.tensor([(2 - 4) * 2 / 10, (1 - 3) * 2 / 10, 2.0]))
+    feats = torch.arange(48.0).view(1, 1, 48)
+    grid = E.pixel_grid(6, 8)[None]
+    full = E.points_to_map(feats, grid, torch.ones(1, 48, dtype=torch.bool), (6, 8), (3, 4))
+    # each 2x2 cell averages its 4 pixels
+    torch.testing.assert_close(full[0, 0, 0, 0], torch.tensor((0 + 1 + 8 + 9) / 4))
+    only = E.points_to_map(feats, grid, valid, (6, 8), (3, 4))
+    assert only[0, 0, 0, 1] == 10.0 and only.count_nonzero() == 1
