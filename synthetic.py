@@ -1,4 +1,25 @@
-"""Procedurally rendered multi-modal humans: the embedded default dataset (see SyntheticHumans)."""
+"""Procedurally rendered multi-modal humans: the embedded default dataset.
+
+Every item is a person built from 24 labelled ellipsoids (plus a neck, labelled head) on an articulated skeleton,
+posed, seen by a randomly placed camera and ray cast per pixel, so RGB, depth, 2D/3D joints, part labels and
+surface coordinates are exact and mutually consistent. Then the nuisances that make the tasks honest are added:
+clothing spanning several parts with random colours and textures, Lambertian shading, cluttered backgrounds,
+Kinect-like depth noise and holes, detector-like keypoint jitter and misses.
+
+    python synthetic.py --out sheet.png          # a contact sheet: RGB + keypoints, depth, parts, iuv
+
+Coordinates. Body frame: X = the person's left, Y = up, Z = the person's forward, floor at Y = 0.
+Camera frame (joints3d): x right, y down, z forward, metres. Pixels: (x, y) = (column, row), pixel centres at
+integers. The intrinsics are those of a person-centred crop of a Kinect-v2 depth frame (70.6 deg horizontal
+field of view at 512 px): the crop follows the person's projected size, so fx, fy, cx, cy differ per item.
+
+Only numpy and torch are imported, so the file can be copied alone.
+"""
+import argparse
+import math
+
+import numpy as np
+import torch
 
 # MPII-16 joint order (../shared/DESIGN.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
 JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
@@ -11,3 +32,543 @@ PART_NAMES = ["background", "right_hip", "right_knee", "right_foot", "left_hip",
               "right_thigh", "right_calf", "left_thigh", "left_calf", "lower_spine", "upper_spine", "head",
               "left_arm", "left_forearm", "right_arm", "right_forearm"]
 FLIP_PARTS = [0, 4, 5, 6, 1, 2, 3, 10, 11, 12, 7, 8, 9, 13, 16, 17, 14, 15, 18, 19, 20, 23, 24, 21, 22]
+P = {name: i for i, name in enumerate(PART_NAMES)}
+J = {name: i for i, name in enumerate(JOINT_NAMES)}
+
+POSES = ["standing", "walking", "sitting", "reaching", "arms_raised", "bending", "turning"]
+KINECT_FX, KINECT_WIDTH = 365.0, 512  # Kinect v2 depth camera
+
+# Which garment covers each part: shirt, trousers, skin, shoes, hair-on-skin (head). Sleeves and trouser legs
+# are decided per person (short sleeves leave elbows/forearms as skin; shorts leave knees/calves as skin).
+GARMENT = {"upper_spine": "shirt", "lower_spine": "shirt", "left_shoulder": "shirt", "right_shoulder": "shirt",
+           "left_arm": "shirt", "right_arm": "shirt", "left_elbow": "sleeve", "right_elbow": "sleeve",
+           "left_forearm": "sleeve", "right_forearm": "sleeve", "left_hand": "skin", "right_hand": "skin",
+           "head": "head", "crotch": "trousers", "left_hip": "trousers", "right_hip": "trousers",
+           "left_thigh": "trousers", "right_thigh": "trousers", "left_knee": "leg", "right_knee": "leg",
+           "left_calf": "leg", "right_calf": "leg", "left_foot": "shoes", "right_foot": "shoes"}
+
+
+# ------------------------------------------------------------------------------------------------ body and pose
+def limb_dir(flex, abd, side):
+    """Unit vector of a limb hanging down, swung forward by `flex` and outward (side = -1 right, +1 left) by `abd`."""
+    return np.array([side * math.sin(abd), -math.cos(abd) * math.cos(flex), math.cos(abd) * math.sin(flex)])
+
+
+def rot_y(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def rot_x(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def rot_z(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def sample_pose(rng, pose):
+    """Joint angles (radians) of one of POSES, with person-to-person variation."""
+    d = math.radians
+    u = lambda lo, hi: d(rng.uniform(lo, hi))  # noqa: E731
+    a = dict(hip_flex=[u(-8, 8), u(-8, 8)], knee=[u(0, 10), u(0, 10)], hip_abd=[u(0, 10), u(0, 10)],
+             sh_flex=[u(-15, 15), u(-15, 15)], sh_abd=[u(5, 25), u(5, 25)], elbow=[u(0, 30), u(0, 30)],
+             bend=u(-5, 8), lean=u(-5, 5), twist=u(-10, 10), head_yaw=u(-20, 20), head_pitch=u(-10, 15))
+    i = rng.integers(2)  # which side leads
+    if pose == "walking":
+        s = u(15, 32)
+        a["hip_flex"] = [s, -s] if i else [-s, s]
+        a["knee"] = [u(5, 40), u(5, 40)]
+        a["sh_flex"] = [-s * 1.2, s * 1.2] if i else [s * 1.2, -s * 1.2]
+    elif pose == "sitting":
+        a["hip_flex"] = [u(70, 100), u(70, 100)]
+        a["knee"] = [u(70, 100), u(70, 100)]
+        a["hip_abd"] = [u(5, 20), u(5, 20)]
+        a["elbow"] = [u(30, 90), u(30, 90)]
+    elif pose == "reaching":
+        a["sh_flex"][i] = u(60, 120)
+        a["sh_abd"][i] = u(0, 40)
+        a["elbow"][i] = u(0, 20)
+        a["twist"] = u(-25, 25)
+    elif pose == "arms_raised":
+        a["sh_flex"] = [u(130, 175), u(130, 175)]
+        a["sh_abd"] = [u(0, 30), u(0, 30)]
+        a["elbow"] = [u(0, 40), u(0, 40)]
+    elif pose == "bending":
+        a["bend"] = u(25, 75)
+        a["sh_flex"] = [u(20, 90), u(20, 90)]
+        a["knee"] = [u(0, 25), u(0, 25)]
+    elif pose == "turning":
+        a["twist"] = u(-45, 45)
+        a["head_yaw"] = u(-60, 60)
+        a["sh_abd"] = [u(10, 60), u(10, 60)]
+    return a
+
+
+def build_body(rng, pose):
+    """Joints [16, 3] (body frame, metres) and the primitives: list of (part, centre, axis rotation [3,3] whose
+    column 1 is the long axis, radii [3])."""
+    H = rng.uniform(1.5, 1.95)
+    build = rng.uniform(0.85, 1.25)
+    a = sample_pose(rng, pose)
+    thigh, calf, spine, neck, head = 0.245 * H, 0.245 * H, 0.29 * H, 0.05 * H, 0.12 * H
+    upper_arm, forearm = 0.17 * H, 0.145 * H
+    hip_w, sh_w = 0.055 * H * build, 0.11 * H * min(build, 1.1)
+
+    j = np.zeros((16, 3))
+    pelvis = np.zeros(3)
+    j[J["pelvis"]] = pelvis
+    for side, (hip, knee, ankle), k in [(-1, ("r_hip", "r_knee", "r_ankle"), 0), (1, ("l_hip", "l_knee", "l_ankle"), 1)]:
+        j[J[hip]] = pelvis + [side * hip_w, -0.04 * H, 0]
+        j[J[knee]] = j[J[hip]] + thigh * limb_dir(a["hip_flex"][k], a["hip_abd"][k], side)
+        j[J[ankle]] = j[J[knee]] + calf * limb_dir(a["hip_flex"][k] - a["knee"][k], a["hip_abd"][k] * 0.5, side)
+
+    # upper body in a torso frame, then bent forward, leaned sideways and twisted about the pelvis
+    T = rot_y(a["twist"]) @ rot_x(-a["bend"]) @ rot_z(a["lean"])
+    up = {"thorax": np.array([0, spine, 0])}
+    up["upper_neck"] = up["thorax"] + [0, neck, 0]
+    Hd = rot_y(a["head_yaw"]) @ rot_x(-a["head_pitch"])
+    up["head_top"] = up["upper_neck"] + Hd @ [0, head, 0]
+    for side, (sh, el, wr), k in [(-1, ("r_shoulder", "r_elbow", "r_wrist"), 0),
+                                   (1, ("l_shoulder", "l_elbow", "l_wrist"), 1)]:
+        up[sh] = up["thorax"] + [side * sh_w, -0.01 * H, 0]
+        up[el] = up[sh] + upper_arm * limb_dir(a["sh_flex"][k], a["sh_abd"][k], side)
+        up[wr] = up[el] + forearm * limb_dir(a["sh_flex"][k] + a["elbow"][k], a["sh_abd"][k], side)
+    for name, p in up.items():
+        j[J[name]] = pelvis + T @ p
+
+    r = 0.01 * H * build  # radius unit
+    prims = []
+
+    def seg(part, p0, p1, radius, flat=1.0, extend=0.3):
+        axis = p1 - p0
+        length = np.linalg.norm(axis)
+        prims.append((P[part], (p0 + p1) / 2, frame(axis / length, T[:, 2]),
+                      np.array([radius, length / 2 + extend * radius, radius * flat])))
+
+    def ball(part, c, radius, axis=(0, 1, 0), elong=1.0, flat=1.0):
+        prims.append((P[part], np.array(c, float), frame(np.asarray(axis, float), T[:, 2]),
+                      np.array([radius, radius * elong, radius * flat])))
+
+    for s, side in (("r", "right"), ("l", "left")):
+        hip, knee, ankle = j[J[f"{s}_hip"]], j[J[f"{s}_knee"]], j[J[f"{s}_ankle"]]
+        sh, el, wr = j[J[f"{s}_shoulder"]], j[J[f"{s}_elbow"]], j[J[f"{s}_wrist"]]
+        seg(f"{side}_thigh", hip, knee, 6.5 * r, extend=0.1)
+        seg(f"{side}_calf", knee, ankle, 4.8 * r, extend=0.1)
+        ball(f"{side}_hip", hip, 8.2 * r)
+        ball(f"{side}_knee", knee, 5.8 * r)
+        foot_dir = np.array([0.0, -0.25, 1.0]) / math.hypot(0.25, 1.0)
+        ball(f"{side}_foot", ankle + 0.05 * H * foot_dir + [0, -0.015 * H, 0], 0.045 * H, axis=foot_dir,
+             elong=1.0, flat=0.45 * build)
+        seg(f"{side}_arm", sh, el, 4.4 * r, extend=0.1)
+        seg(f"{side}_forearm", el, wr, 3.6 * r, extend=0.1)
+        ball(f"{side}_shoulder", sh, 5.6 * r)
+        ball(f"{side}_elbow", el, 4.3 * r)
+        hand_dir = (wr - el) / np.linalg.norm(wr - el)
+        ball(f"{side}_hand", wr + 0.045 * H * hand_dir, 0.05 * H, axis=hand_dir, elong=1.0, flat=0.45)
+        prims[-1][3][:] = [0.025 * H, 0.05 * H, 0.012 * H]
+    thorax, neck_p = j[J["thorax"]], j[J["upper_neck"]]
+    mid = pelvis + T @ [0, 0.45 * spine, 0]
+    seg("lower_spine", pelvis + T @ [0, 0.05 * spine, 0], mid, 0.0, extend=0)
+    prims[-1][3][:] = [hip_w + 6 * r, 0.26 * spine, 8.5 * r]
+    seg("upper_spine", mid, thorax, 0.0, extend=0)
+    prims[-1][3][:] = [sh_w * 0.95, 0.33 * spine, 9.5 * r]
+    ball("crotch", pelvis + [0, -0.06 * H, 0], 0.7 * hip_w + 3 * r, elong=1.0, flat=0.9)
+    seg("head", thorax, neck_p, 3.8 * r, extend=0.6)  # the neck, labelled head
+    head_c = (neck_p + j[J["head_top"]]) / 2
+    ball("head", head_c + 0.01 * H * (head_c - neck_p) / np.linalg.norm(head_c - neck_p),
+         0.052 * H, axis=j[J["head_top"]] - neck_p, elong=1.3, flat=1.05)
+
+    # stand on the floor: the lowest foot touches Y = 0
+    lowest = min(c[1] - rad[1] * 0.6 for part, c, R, rad in prims if part in (P["left_foot"], P["right_foot"]))
+    shift = np.array([0, -lowest, 0])
+    j += shift
+    prims = [(part, c + shift, R, rad) for part, c, R, rad in prims]
+    return j, prims
+
+
+def frame(axis, forward):
+    """Rotation whose column 1 is `axis` and column 2 is as close to `forward` as possible."""
+    y = axis / np.linalg.norm(axis)
+    z = forward - y * (forward @ y)
+    if np.linalg.norm(z) < 1e-6:
+        z = np.cross(y, [1.0, 0, 0]) if abs(y[0]) < 0.9 else np.cross(y, [0, 0, 1.0])
+    z /= np.linalg.norm(z)
+    return np.stack([np.cross(y, z), y, z], axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+def camera(rng, joints, image_size, yaw=None):
+    """A camera 2–4.5 m away at a random height and yaw around the person, looking at the person's centre, with
+    the intrinsics of a person-centred crop. Returns origin [3], R [3,3] (rows: right, down, forward), K [3,3]."""
+    yaw = rng.uniform(-150, 150) if yaw is None else yaw
+    dist, height = rng.uniform(2.0, 4.5), rng.uniform(0.7, 1.9)
+    target = joints.mean(0) + [0, 0.05, 0]
+    y = math.radians(yaw)
+    origin = target + dist * np.array([math.sin(y), 0, math.cos(y)])
+    origin[1] = height
+    f = target - origin
+    f /= np.linalg.norm(f)
+    right = np.cross(f, [0.0, 1.0, 0.0])
+    right /= np.linalg.norm(right)
+    R = np.stack([right, np.cross(f, right), f])
+    # project with unit focal length, then choose the crop that fits the person
+    cam = (joints - origin) @ R.T
+    xy = cam[:, :2] / cam[:, 2:]
+    margin = 0.16 / cam[:, 2].min()  # limb radii and the head above head-top
+    lo, hi = xy.min(0) - margin, xy.max(0) + margin
+    fill = rng.uniform(0.72, 0.92)
+    focal = fill * image_size / (hi - lo).max()
+    centre = (lo + hi) / 2 + rng.uniform(-0.04, 0.04, 2) * (hi - lo).max()
+    c = (image_size - 1) / 2 - focal * centre
+    K = np.array([[focal, 0, c[0]], [0, focal, c[1]], [0, 0, 1.0]])
+    return origin, R, K
+
+
+def ray_cast(prims, origin, dirs):
+    """Nearest hit of every ray with the ellipsoids |A_q (o + t d - c_q)| = 1, A_q = diag(1/radii) R_q^T:
+        a t^2 + 2 b t + c = 0,  a = d^T G_q d,  b = (A_q^T o'_q) . d,  c = |o'_q|^2 - 1,  G_q = A_q^T A_q,
+    with o'_q = A_q (o - c_q); a and b for all rays and ellipsoids are two matrix products.
+    dirs [N, 3] -> t [N] (inf = miss), primitive index [N], local hit coordinates on the unit sphere [N, 3]."""
+    centres = np.stack([p[1] for p in prims])  # [Q, 3]
+    A = np.stack([(p[2] / p[3]).T for p in prims])  # [Q, 3, 3]
+    o = np.einsum("qij,qj->qi", A, origin - centres)  # [Q, 3]
+    G = np.einsum("qki,qkj->qij", A, A)  # [Q, 3, 3]
+    iu = ([0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2])
+    G6 = G[:, iu[0], iu[1]] * [1, 1, 1, 2, 2, 2]  # [Q, 6]
+    dd = dirs[:, iu[0]] * dirs[:, iu[1]]  # [N, 6]
+    a = (G6 @ dd.T).astype(np.float32)  # [Q, N]; float32 halves the memory traffic of what follows
+    b = (np.einsum("qki,qk->qi", A, o) @ dirs.T).astype(np.float32)  # [Q, N]
+    c = ((o * o).sum(-1)[:, None] - 1.0).astype(np.float32)
+    disc = b * b - a * c
+    with np.errstate(invalid="ignore"):
+        t = (-b - np.sqrt(disc)) / a
+    t = np.where((disc > 0) & (t > 0), t, np.inf)
+    q = t.argmin(0)  # [N]
+    t_hit = t[q, np.arange(len(dirs))].astype(np.float64)
+    local = o[q] + np.where(np.isfinite(t_hit), t_hit, 0)[:, None] * np.einsum("nij,nj->ni", A[q], dirs)
+    return t_hit, q, local
+
+
+def background_indoor(rng, origin, R, dirs, image_size):
+    """Floor (Y = 0) and a back wall behind the person, a few boxes: depth along the optical axis and colours."""
+    n = len(dirs)
+    t = np.full(n, np.inf)
+    colour = np.zeros((n, 3))
+    normal = np.zeros((n, 3))
+    wall_yaw = math.atan2(R[2, 0], R[2, 2]) + rng.uniform(-0.5, 0.5)
+    wall_n = -np.array([math.sin(wall_yaw), 0, math.cos(wall_yaw)])  # facing the camera
+    wall_d = rng.uniform(2.0, 4.0) + 4.0
+    planes = [(np.array([0, 1.0, 0]), 0.0, "floor"), (wall_n, -(wall_n @ origin) + wall_d, "wall")]
+    base = {"floor": rng.uniform(0.2, 0.8, 3), "wall": rng.uniform(0.3, 0.95, 3)}
+    for nrm, off, name in planes:
+        denom = dirs @ nrm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tp = -(origin @ nrm + off) / denom
+        hit = (tp > 0) & (tp < t)
+        t = np.where(hit, tp, t)
+        p = origin + tp[:, None] * dirs
+        if name == "floor":
+            tile = rng.uniform(0.3, 0.8)
+            pattern = ((np.floor(p[:, 0] / tile) + np.floor(p[:, 2] / tile)) % 2) * rng.uniform(0.05, 0.3)
+        else:
+            pattern = 0.08 * np.sin(p @ np.cross(nrm, [0, 1.0, 0]) * rng.uniform(2, 12))
+        colour[hit] = np.clip(base[name] * (1 - pattern[hit, None]), 0, 1)
+        normal[hit] = nrm
+    for _ in range(rng.integers(0, 4)):  # furniture: axis-aligned boxes beside the person
+        size = rng.uniform([0.3, 0.3, 0.3], [1.2, 1.6, 1.0])
+        side = rng.choice([-1, 1])
+        centre = origin + R[2] * rng.uniform(3.5, 6.0) + R[0] * side * rng.uniform(0.9, 2.0)
+        lo = np.array([centre[0] - size[0] / 2, 0, centre[2] - size[2] / 2])
+        hi = lo + size
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t0, t1 = (lo - origin) / dirs, (hi - origin) / dirs
+        tn, tf = np.minimum(t0, t1).max(1), np.maximum(t0, t1).min(1)
+        hit = (tn <= tf) & (tn > 0) & (tn < t)
+        t = np.where(hit, tn, t)
+        colour[hit] = rng.uniform(0.1, 0.9, 3)
+        face = np.argmax(np.minimum(t0, t1)[hit], axis=1)
+        nb = np.zeros((hit.sum(), 3))
+        nb[np.arange(len(nb)), face] = -np.sign(dirs[hit][np.arange(len(nb)), face])
+        normal[hit] = nb
+    z = t * (dirs @ R[2])
+    return np.where(np.isfinite(z), z, 0.0), colour, normal
+
+
+def background_wild(rng, image_size):
+    """A 2D cluttered scene: a blurred gradient, noise texture and random rectangles and blobs."""
+    s = image_size
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    img = rng.uniform(0, 1, 3) * (1 - yy[..., None]) + rng.uniform(0, 1, 3) * yy[..., None]
+    coarse = rng.uniform(-0.25, 0.25, (8, 8, 3))
+    img += np.kron(coarse, np.ones((s // 8 + 1, s // 8 + 1, 1)))[:s, :s]
+    for _ in range(rng.integers(4, 12)):
+        x0, y0 = rng.uniform(-0.2, 1, 2)
+        w, h = rng.uniform(0.05, 0.5, 2)
+        col = rng.uniform(0, 1, 3)
+        if rng.random() < 0.5:
+            m = (xx > x0) & (xx < x0 + w) & (yy > y0) & (yy < y0 + h)
+        else:
+            m = ((xx - x0) / w) ** 2 + ((yy - y0) / h) ** 2 < 1
+        img[m] = col * rng.uniform(0.7, 1.0)
+    return np.clip(img, 0, 1).reshape(-1, 3)
+
+
+def garment_colours(rng):
+    """Per-person colours of shirt, trousers, skin, hair and shoes, and which parts are skin."""
+    skin = np.array([0.95, 0.78, 0.65]) * rng.uniform(0.35, 1.0) + rng.uniform(-0.03, 0.03, 3)
+    shirt, trousers = rng.uniform(0.05, 0.95, 3), rng.uniform(0.05, 0.8, 3)
+    if rng.random() < 0.3:  # similar colours on top and bottom happen
+        trousers = np.clip(shirt + rng.uniform(-0.1, 0.1, 3), 0, 1)
+    return dict(shirt=shirt, trousers=trousers, skin=skin, hair=rng.uniform(0.02, 0.5) * np.array([1, 0.8, 0.6]),
+                shoes=rng.uniform(0.0, 0.6, 3), long_sleeves=rng.random() < 0.5, shorts=rng.random() < 0.25,
+                shirt_pattern=rng.integers(3), trousers_pattern=rng.integers(2), freq=rng.uniform(4, 14))
+
+
+def albedo(parts, uv, local, g):
+    """Per-pixel colour of the person from the garment covering each part and a procedural texture."""
+    table = np.zeros((25, 3))
+    tex = np.zeros(25, dtype=int)  # 0 plain, 1 stripes, 2 checks
+    for name, garment in GARMENT.items():
+        if garment == "sleeve":
+            garment = "shirt" if g["long_sleeves"] else "skin"
+        if garment == "leg":
+            garment = "skin" if g["shorts"] else "trousers"
+        table[P[name]] = g[garment] if garment in g else g["skin"]
+        tex[P[name]] = g["shirt_pattern"] if garment == "shirt" else g["trousers_pattern"] if garment == "trousers" else 0
+    col = table[parts]
+    stripes = 0.5 + 0.5 * np.sign(np.sin(uv[:, 1] * g["freq"] * 2 * math.pi))
+    checks = 0.5 + 0.5 * np.sign(np.sin(uv[:, 1] * g["freq"] * 6) * np.sin(uv[:, 0] * 24))
+    pattern = np.select([tex[parts] == 1, tex[parts] == 2], [stripes, checks], 1.0)
+    col = col * (0.65 + 0.35 * pattern[:, None])
+    hair = (parts == P["head"]) & (local[:, 1] > 0.25) | (parts == P["head"]) & (local[:, 2] < -0.3) & (local[:, 1] > -0.3)
+    col[hair] = g["hair"]
+    return col
+
+
+def render(params, image_size):
+    """Ray cast a person (and an indoor room) without sensor noise.
+
+    params: dict from `sample_params`. Returns a dict of numpy arrays: rgb [H,W,3] in [0,1], depth [H,W] metres
+    (0 = nothing), parts [H,W], uv [H,W,2], normal_dot [H,W] (cos of the angle between surface and view ray),
+    keypoints [16,2] exact pixel positions, joints3d [16,3] camera frame, K [3,3]."""
+    rng = np.random.default_rng(params["seed"])
+    joints, prims = build_body(rng, params["pose"])
+    origin, R, K = camera(rng, joints, image_size, params.get("yaw"))
+    s = image_size
+    v, u = np.mgrid[0:s, 0:s]
+    rays = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(s * s)], 1)
+    dirs = rays @ R  # [N, 3] world directions with unit forward component
+    dirs_n = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+
+    # only rays inside the person's projected bounding box can hit it
+    cam = (np.stack([p[1] for p in prims]) - origin) @ R.T  # [Q, 3] centres in the camera frame
+    reach = np.array([p[3].max() for p in prims]) / cam[:, 2] * K[0, 0]  # [Q] projected bounding radius
+    centre_px = cam[:, :2] / cam[:, 2:] * K[0, 0] + K[:2, 2]
+    lo, hi = (centre_px - reach[:, None]).min(0), (centre_px + reach[:, None]).max(0)
+    box = np.flatnonzero((u.ravel() >= lo[0]) & (u.ravel() <= hi[0]) & (v.ravel() >= lo[1]) & (v.ravel() <= hi[1]))
+    t = np.full(s * s, np.inf)
+    q = np.zeros(s * s, dtype=int)
+    local = np.zeros((s * s, 3))
+    t[box], q[box], local[box] = ray_cast(prims, origin, dirs[box])
+    person = np.isfinite(t)
+    part_of = np.array([p[0] for p in prims])
+    parts = np.where(person, part_of[q], 0)
+    uv = np.stack([np.arctan2(local[:, 0], local[:, 2]) / (2 * math.pi) + 0.5, (local[:, 1] + 1) / 2], 1)
+    uv = np.where(person[:, None], np.clip(uv, 0, 1), 0.0)
+    # normal: gradient of |A(x - c)|^2, i.e. A^T A (x - c), expressed back in the world
+    A = np.stack([(p[2] / p[3]).T for p in prims])
+    normal = np.einsum("nji,nj->ni", A[q], local)
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
+    depth = np.where(person, t, 0.0)  # dirs have unit forward component: t is the optical-axis depth
+
+    if params["domain"] == "indoor":
+        bg_depth, bg_col, bg_normal = background_indoor(rng, origin, R, dirs_n, s)
+        bg_depth = bg_depth  # already along the optical axis
+    else:
+        bg_depth, bg_col, bg_normal = np.zeros(s * s), background_wild(rng, s), np.zeros((s * s, 3))
+    g = garment_colours(rng)
+    light = np.array([rng.uniform(-1, 1), rng.uniform(0.3, 1.5), rng.uniform(-1, 1)])
+    light /= np.linalg.norm(light)
+    ambient = rng.uniform(0.3, 0.55)
+    col = albedo(parts, uv, local, g)
+    shade = ambient + (1 - ambient) * np.clip(normal @ light, 0, 1)
+    bg_shade = np.where(np.abs(bg_normal).sum(1) > 0, ambient + (1 - ambient) * np.clip(bg_normal @ light, 0, 1), 1.0)
+    rgb = np.where(person[:, None], col * shade[:, None], bg_col * bg_shade[:, None])
+    depth = np.where(person, depth, bg_depth)
+    normal_dot = np.abs((np.where(person[:, None], normal, bg_normal) * dirs_n).sum(1))
+
+    cam_joints = (joints - origin) @ R.T
+    keypoints = cam_joints[:, :2] / cam_joints[:, 2:] * [K[0, 0], K[1, 1]] + K[:2, 2]
+    return dict(rgb=rgb.reshape(s, s, 3), depth=depth.reshape(s, s), parts=parts.reshape(s, s),
+                uv=uv.reshape(s, s, 2), normal_dot=normal_dot.reshape(s, s), keypoints=keypoints,
+                joints3d=cam_joints, K=K)
+
+
+def sample_params(seed, index, domain):
+    """The scene of item `index`: pose class, the per-item random seed, domain."""
+    rng = np.random.default_rng([seed, index])
+    return dict(seed=[seed, index, 1], pose=POSES[rng.integers(len(POSES))], domain=domain)
+
+
+# ------------------------------------------------------------------------------------------------ sensor models
+def kinect_depth(rng, depth, normal_dot):
+    """Kinect-like depth: noise sigma(z) = 1.2 mm + 1.9 mm (z - 0.4)^2 (Nguyen et al., 2012), no return at
+    grazing angles, at half the pixels on depth discontinuities (silhouettes) and at 0.5 % of random pixels."""
+    z = depth + rng.standard_normal(depth.shape) * (0.0012 + 0.0019 * (depth - 0.4) ** 2)
+    pad = np.pad(depth, 1, mode="edge")
+    jump = np.max(np.abs(np.stack([pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]]) - depth), axis=0)
+    hole = (normal_dot < 0.15) | ((jump > 0.1) & (rng.random(depth.shape) < 0.5)) | (rng.random(depth.shape) < 0.005)
+    return np.where(hole | (depth <= 0), 0.0, z)
+
+
+def camera_rgb(rng, rgb):
+    """Sensor noise and a random exposure."""
+    out = rgb * rng.uniform(0.8, 1.2) + rng.standard_normal(rgb.shape) * 0.02
+    return np.clip(out, 0, 1)
+
+
+def detector_keypoints(rng, keypoints, image_size):
+    """Like an off-the-shelf 2D detector: jitter of about 1 % of the image, 4 % misses. Self-occluded joints stay
+    visible, as MPII annotates them; every keypoint is clamped into the frame."""
+    kp = keypoints + rng.standard_normal(keypoints.shape) * 0.01 * image_size
+    kp = np.clip(kp, 0, image_size - 1)
+    visible = rng.random(len(kp)) >= 0.04
+    return kp, visible
+
+
+# -------------------------------------------------------------------------------------------------------- dataset
+class SyntheticHumans(torch.utils.data.Dataset):
+    """Procedural multi-modal humans. Item i is a deterministic function of (seed, i), rendered on the fly.
+
+    domain='indoor': a room with floor, wall and furniture at depth (like NTU RGB+D). domain='wild': 2D cluttered
+    backgrounds; with with_depth=False the item has no 'depth' key and present['depth'] is False (like MPII).
+    Items follow the sample dict of DESIGN.md (rgb in [0, 1]) plus mask and intrinsics."""
+
+    def __init__(self, num_samples, image_size=128, seed=0, domain="indoor", with_depth=True):
+        if domain not in ("indoor", "wild"):
+            raise ValueError(f"domain must be 'indoor' or 'wild', got {domain!r}")
+        if image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {image_size}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples, self.image_size, self.seed = num_samples, image_size, seed
+        self.domain, self.with_depth = domain, with_depth
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {i} out of range for SyntheticHumans of {self.num_samples} samples")
+        s = self.image_size
+        params = sample_params(self.seed, i, self.domain)
+        r = render(params, s)
+        rng = np.random.default_rng([self.seed, i, 2])
+        keypoints, visible = detector_keypoints(rng, r["keypoints"], s)
+        parts = torch.from_numpy(r["parts"].astype(np.int64))
+        iuv = np.concatenate([r["parts"][None].astype(np.float32), r["uv"].transpose(2, 0, 1)])
+        sample = dict(
+            rgb=torch.from_numpy(camera_rgb(rng, r["rgb"]).transpose(2, 0, 1).astype(np.float32)),
+            keypoints=torch.from_numpy(keypoints.astype(np.float32)),
+            keypoints_visible=torch.from_numpy(visible),
+            parts=parts, mask=parts > 0,
+            joints3d=torch.from_numpy(r["joints3d"].astype(np.float32)),
+            iuv=torch.from_numpy(iuv.astype(np.float32)),
+            intrinsics=torch.from_numpy(r["K"].astype(np.float32)),
+            present={"rgb": True, "depth": self.with_depth, "keypoints": True},
+            index=i)
+        if self.with_depth:
+            sample["depth"] = torch.from_numpy(kinect_depth(rng, r["depth"], r["normal_dot"]).astype(np.float32))[None]
+        return sample
+
+
+def flip_sample(sample):
+    """Mirror a sample left-right: images flipped, keypoint x -> W - 1 - x with slots swapped by FLIP_JOINTS, part
+    labels (and iuv's part channel) remapped by FLIP_PARTS, the u surface coordinate mirrored (u -> 1 - u on the
+    person), joints3d x negated and swapped, cx -> W - 1 - cx."""
+    out = dict(sample)
+    W = sample["rgb"].shape[-1]
+    fj, fp = torch.tensor(FLIP_JOINTS), torch.tensor(FLIP_PARTS)
+    for k in ("rgb", "depth", "mask"):
+        if k in sample:
+            out[k] = sample[k].flip(-1)
+    if "parts" in sample:
+        parts = sample["parts"].flip(-1)
+        out["parts"] = torch.where(parts == 255, parts, fp[parts.clamp(max=24)])
+    if "iuv" in sample:
+        iuv = sample["iuv"].flip(-1).clone()
+        body = iuv[0] > 0
+        iuv[0] = fp[iuv[0].long()].float()
+        iuv[1] = torch.where(body, 1 - iuv[1], iuv[1])
+        out["iuv"] = iuv
+    if "keypoints" in sample:
+        kp = sample["keypoints"][fj].clone()
+        kp[:, 0] = W - 1 - kp[:, 0]
+        out["keypoints"], out["keypoints_visible"] = kp, sample["keypoints_visible"][fj]
+    if "joints3d" in sample:
+        j3 = sample["joints3d"][fj].clone()
+        j3[:, 0] = -j3[:, 0]
+        out["joints3d"] = j3
+    if "intrinsics" in sample:
+        K = sample["intrinsics"].clone()
+        K[0, 2] = W - 1 - K[0, 2]
+        out["intrinsics"] = K
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- contact sheet
+PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.15, 1, (24, 3))])
+SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (4, 3), (5, 4), (6, 7), (7, 8), (8, 9), (10, 11), (11, 12), (12, 7),
+            (13, 7), (14, 13), (15, 14)]
+
+
+def contact_sheet(dataset, n, path):
+    """Rows of samples: RGB with keypoints and skeleton, depth, parts, iuv (part colour modulated by u, v)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n))
+    axes = np.atleast_2d(axes)
+    for row in range(n):
+        s = dataset[row]
+        ax = axes[row]
+        ax[0].imshow(s["rgb"].permute(1, 2, 0).numpy())
+        kp, vis = s["keypoints"].numpy(), s["keypoints_visible"].numpy()
+        for a, b in SKELETON:
+            if vis[a] and vis[b]:
+                ax[0].plot(*kp[[a, b]].T, color="lime" if a in (3, 4, 5, 13, 14, 15) else "red", lw=1)
+        ax[0].scatter(*kp[vis].T, s=4, c="yellow")
+        if "depth" in s:
+            d = s["depth"][0].numpy()
+            ax[1].imshow(np.ma.masked_equal(d, 0), cmap="turbo")
+        ax[2].imshow(PART_COLOURS[s["parts"].numpy()])
+        iuv = s["iuv"].numpy()
+        ax[3].imshow(PART_COLOURS[iuv[0].astype(int)] * (0.4 + 0.6 * np.stack([iuv[1], iuv[2], iuv[1]], -1)))
+        for a, title in zip(ax, ["RGB + keypoints", "depth", "parts", "iuv"]):
+            a.set_xticks([])
+            a.set_yticks([])
+            if row == 0:
+                a.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Write a contact sheet of synthetic multi-modal humans.")
+    parser.add_argument("--out", default="synthetic_sheet.png")
+    parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--domain", default="indoor", choices=["indoor", "wild"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    dataset = SyntheticHumans(args.n, args.size, args.seed, args.domain, with_depth=args.domain == "indoor")
+    contact_sheet(dataset, args.n, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

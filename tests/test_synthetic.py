@@ -1,0 +1,130 @@
+"""synthetic.py: determinism, cross-modal consistency, label coverage, flips, honest RGB."""
+import numpy as np
+import pytest
+import torch
+
+import synthetic as S
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def samples():
+    data = S.SyntheticHumans(50, SIZE, seed=3)
+    return [data[i] for i in range(50)]
+
+
+def test_items_are_deterministic_and_distinct():
+    a, b = S.SyntheticHumans(4, SIZE, seed=1), S.SyntheticHumans(4, SIZE, seed=1)
+    for key in ("rgb", "depth", "keypoints", "parts", "iuv", "joints3d"):
+        assert torch.equal(a[2][key], b[2][key]), key
+    assert not torch.equal(a[2]["rgb"], a[3]["rgb"])
+    assert not torch.equal(a[2]["rgb"], S.SyntheticHumans(4, SIZE, seed=2)[2]["rgb"])
+
+
+def test_sample_schema(samples):
+    s = samples[0]
+    assert s["rgb"].shape == (3, SIZE, SIZE) and 0 <= s["rgb"].min() and s["rgb"].max() <= 1
+    assert s["depth"].shape == (1, SIZE, SIZE) and s["depth"].dtype == torch.float32
+    assert s["keypoints"].shape == (16, 2) and s["keypoints_visible"].dtype == torch.bool
+    assert s["parts"].dtype == torch.int64 and s["iuv"].shape == (3, SIZE, SIZE)
+    assert torch.equal(s["iuv"][0].long(), s["parts"]) and torch.equal(s["mask"], s["parts"] > 0)
+    assert s["present"] == {"rgb": True, "depth": True, "keypoints": True}
+    assert ((s["iuv"][1:] >= 0) & (s["iuv"][1:] <= 1)).all()
+
+
+def test_every_part_pixel_has_clean_depth():
+    for i in range(10):
+        r = S.render(S.sample_params(0, i, "indoor"), SIZE)
+        assert (r["depth"][r["parts"] > 0] > 0).all()
+        # joints3d project to the exact keypoints through K
+        proj = r["joints3d"] @ r["K"].T
+        np.testing.assert_allclose(proj[:, :2] / proj[:, 2:], r["keypoints"], atol=1e-6)
+
+
+def test_depth_is_metric_and_noisy_like_a_kinect(samples):
+    s = samples[0]
+    person = s["depth"][0][s["mask"] & (s["depth"][0] > 0)]
+    assert 1.5 < person.median() < 5.5
+    holes = (s["depth"][0] == 0) & s["mask"]
+    assert 0 < holes.sum() < 0.5 * s["mask"].sum()  # silhouettes and grazing angles lose returns
+
+
+def test_visible_keypoints_lie_on_the_body_and_in_the_frame(samples):
+    for s in samples:
+        kp = s["keypoints"]
+        assert ((kp >= 0) & (kp <= SIZE - 1)).all()
+        body = s["mask"].nonzero().flip(1).float()  # [P, 2] (x, y)
+        d = torch.cdist(kp[s["keypoints_visible"]], body).min(dim=1).values
+        assert (d < 0.08 * SIZE).all()
+
+
+def test_every_part_occurs_within_50_samples(samples):
+    seen = torch.zeros(25, dtype=torch.bool)
+    for s in samples:
+        seen[s["parts"].unique()] = True
+    assert seen.all(), [S.PART_NAMES[i] for i in (~seen).nonzero().flatten()]
+
+
+def right_left_columns(parts):
+    cols = torch.arange(parts.shape[1]).expand_as(parts).float()
+    right = sum(parts == S.P[n] for n in ("right_thigh", "right_calf", "right_arm", "right_hip")).bool()
+    left = sum(parts == S.P[n] for n in ("left_thigh", "left_calf", "left_arm", "left_hip")).bool()
+    return cols[right].mean(), cols[left].mean()
+
+
+def test_frontal_view_shows_right_parts_on_the_image_left():
+    params = dict(seed=[0, 0, 1], pose="standing", domain="indoor", yaw=0.0)
+    r = S.render(params, SIZE)
+    right, left = right_left_columns(torch.from_numpy(r["parts"]))
+    assert right < left
+    kp = r["keypoints"]
+    assert kp[S.J["r_shoulder"], 0] < kp[S.J["l_shoulder"], 0]
+
+
+def test_flip_swaps_joints_and_parts_consistently(samples):
+    s = samples[5]
+    f = S.flip_sample(s)
+    W = SIZE
+    torch.testing.assert_close(f["keypoints"][S.J["r_wrist"], 0], W - 1 - s["keypoints"][S.J["l_wrist"], 0])
+    assert f["keypoints_visible"][S.J["r_wrist"]] == s["keypoints_visible"][S.J["l_wrist"]]
+    y, x = 30, 20
+    assert f["parts"][y, W - 1 - x] == S.FLIP_PARTS[s["parts"][y, x]]
+    assert torch.equal(f["iuv"][0].long(), f["parts"])
+    for key in ("rgb", "depth", "parts", "iuv", "keypoints", "joints3d", "intrinsics"):
+        assert torch.allclose(S.flip_sample(f)[key].float(), s[key].float()), key
+    # the mirror image of a frontal person is a frontal person: with labels remapped, right parts stay on the
+    # image's left (pixels moved without remapping would put them on the right)
+    r = S.render(dict(seed=[0, 0, 1], pose="standing", domain="indoor", yaw=0.0), SIZE)
+    flipped = S.flip_sample({"rgb": torch.zeros(3, W, W), "parts": torch.from_numpy(r["parts"])})
+    right, left = right_left_columns(flipped["parts"])
+    assert right < left
+    # projection stays consistent after a flip
+    K, j3 = f["intrinsics"], f["joints3d"]
+    proj = j3 @ K.T
+    clean = S.render(S.sample_params(3, 5, "indoor"), SIZE)
+    exact = torch.from_numpy(clean["keypoints"]).float()[S.FLIP_JOINTS]
+    exact[:, 0] = W - 1 - exact[:, 0]
+    torch.testing.assert_close(proj[:, :2] / proj[:, 2:], exact, atol=1e-3, rtol=1e-4)
+
+
+def test_no_depth_domain_marks_depth_absent():
+    s = S.SyntheticHumans(2, SIZE, domain="wild", with_depth=False)[1]
+    assert "depth" not in s and s["present"]["depth"] is False and s["present"]["rgb"]
+
+
+def test_colour_alone_does_not_give_parts_away(samples):
+    """A nearest-centroid classifier from a pixel's RGB to its part, fitted and scored on person pixels."""
+    rgb = torch.cat([s["rgb"][:, s["mask"]].T for s in samples])
+    parts = torch.cat([s["parts"][s["mask"]] for s in samples])
+    centroids = torch.stack([rgb[parts == p].mean(0) for p in range(1, 25)])
+    pred = torch.cdist(rgb, centroids).argmin(1) + 1
+    accuracy = (pred == parts).float().mean()
+    assert accuracy < 0.2  # chance is about 1/24 on uniform parts; the largest part alone covers ~15 %
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="domain"):
+        S.SyntheticHumans(2, domain="outdoor")
+    with pytest.raises(IndexError):
+        S.SyntheticHumans(2, SIZE)[2]
