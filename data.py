@@ -1,0 +1,485 @@
+"""Data: the sample schema, real dataset readers, modality masks, mixing, paired transforms and collate.
+
+Every reader returns the sample dict of DESIGN.md, keypoints in the MPII-16 order:
+    rgb [3,H,W] float in [0, 1] (PairedTransform normalises it), depth [1,H,W] metres (0 = no return),
+    keypoints [16,2] pixel (x, y), keypoints_visible [16] bool, optional labels parts [H,W] int64 (0 background,
+    1..24 parts, 255 ignore), joints3d [J,3], iuv [3,H,W], mask [H,W] bool, intrinsics [3,3];
+    present {rgb, depth, keypoints} bools; index int.
+A modality a dataset lacks is left out of its items (present[...] = False); `collate` zero-fills it.
+
+Depth stays in metres all the way into the batch. The person-centred normalisation the depth encoder expects
+(HCMoCo subtracts the person's depth and rescales) happens at the model input, `hcmoco.depth_input`, so that
+augmentation, point clouds and 3D-pose labels all see metric depth.
+
+Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton). Downstream: Human36MParts, NTURGBDParsing, ITOP.
+"""
+import json
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from synthetic import FLIP_JOINTS, FLIP_PARTS, flip_sample
+
+MODALITIES = ("rgb", "depth", "keypoints")
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+# COCO-17 -> MPII-16: the COCO index of each MPII joint; pelvis and thorax are midpoints, neck and head-top absent.
+COCO_TO_MPII = [16, 14, 12, 11, 13, 15, None, None, None, None, 10, 8, 6, 5, 7, 9]
+COCO_MIDPOINTS = {6: (11, 12), 7: (5, 6)}  # pelvis = hip midpoint, thorax = shoulder midpoint
+# Kinect v2 (25 joints, NTU RGB+D) -> MPII-16. head_top takes the Kinect head centre, the closest joint it has.
+KINECT_TO_MPII = [18, 17, 16, 12, 13, 14, 0, 20, 2, 3, 10, 9, 8, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------------ file I/O
+def require(path, layout):
+    """Raise FileNotFoundError naming `path` and the layout the reader expects, if it does not exist."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; expected layout:\n{layout}")
+    return path
+
+
+def read_image(path, mode="RGB"):
+    """An image file as a float tensor [C,H,W] in [0, 1] (RGB) or the raw integers (mode 'I;16' / 'L' labels).
+    Unreadable or truncated files raise OSError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.array(im.convert(mode) if mode == "RGB" else im)
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+    if mode == "RGB":
+        return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+class SkipBad:
+    """Mixin for readers: with skip_bad=True an unreadable item is skipped with a warning and the next one is
+    returned instead; otherwise the error, which names the file, propagates."""
+
+    def __getitem__(self, i):
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            try:
+                return self.load(j)
+            except OSError as e:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"skipping item {j}: {e}")
+        raise OSError(f"{type(self).__name__}: no readable item at all")
+
+
+def crop_person(rgb, keypoints, visible, center, size, image_size, depth=None, labels=None):
+    """Square crop of side `size` around `center` (x, y), zero-padded where it leaves the image, resized to
+    image_size. Keypoints follow; those leaving the crop become not visible."""
+    top, left = center[1] - size / 2, center[0] - size / 2
+    out = dict(rgb=TF.resized_crop(rgb, round(top), round(left), round(size), round(size), [image_size] * 2,
+                                   antialias=True).clamp(0, 1))
+    scale = image_size / round(size)
+    kp = (keypoints - torch.tensor([round(left), round(top)])) * scale + (scale - 1) / 2  # pixel centres stay centres
+    visible = visible & ((kp >= 0) & (kp <= image_size - 1)).all(dim=1)
+    out["keypoints"], out["keypoints_visible"] = (kp * visible[:, None]).float(), visible
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pre-training
+class MPII(SkipBad, torch.utils.data.Dataset):
+    """MPII Human Pose in the layout HRNet and HCMoCo read: root/annot/{split}.json, a list of
+    {image, center [x, y], scale (person height / 200 px), joints [16][2], joints_vis [16]}, and root/images/.
+    A square person-centred crop of side 1.25 * 200 * scale around center. RGB and keypoints; no depth.
+    Joints with joints_vis 0, and joints that leave the crop, are not visible."""
+
+    LAYOUT = "  <root>/annot/{split}.json  (list of {image, center, scale, joints, joints_vis})\n  <root>/images/<image>"
+
+    def __init__(self, root, split="train", image_size=256, skip_bad=False):
+        path = require(os.path.join(root, "annot", f"{split}.json"), self.LAYOUT)
+        require(os.path.join(root, "images"), self.LAYOUT)
+        with open(path) as f:
+            self.entries = json.load(f)
+        for k, e in enumerate(self.entries):
+            missing = {"image", "center", "scale", "joints", "joints_vis"} - set(e)
+            if missing or len(e["joints"]) != 16:
+                raise ValueError(f"{path}: entry {k} ({e.get('image', '?')}) is malformed: "
+                                 f"{'missing ' + str(sorted(missing)) if missing else 'needs 16 joints'}")
+        self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
+
+    def __len__(self):
+        return len(self.entries)
+
+    def load(self, i):
+        e = self.entries[i]
+        rgb = read_image(os.path.join(self.root, "images", e["image"]))
+        # MPII's centre and joints are 1-based (Matlab) pixels; the centre moves down 15 px per unit of scale so
+        # that the feet stay in the crop, as HRNet's reader does
+        joints = torch.tensor(e["joints"], dtype=torch.float32) - 1
+        visible = torch.tensor(e["joints_vis"]) > 0
+        centre = (e["center"][0] - 1, e["center"][1] - 1 + 15 * e["scale"])
+        out = crop_person(rgb, joints, visible, centre, 1.25 * 200 * e["scale"], self.image_size)
+        return dict(out, present={"rgb": True, "depth": False, "keypoints": True}, index=i)
+
+
+class COCOKeypoints(SkipBad, torch.utils.data.Dataset):
+    """COCO person keypoints: root/annotations/person_keypoints_{split}.json and root/{split}/<file_name>.
+    One item per person with iscrowd 0 and at least `min_keypoints` labelled keypoints; a square crop of
+    1.25 x the bbox's longer side. COCO-17 -> MPII-16: pelvis and thorax are midpoints when both ends are
+    labelled; upper-neck and head-top, which COCO lacks, are marked not visible, never invented."""
+
+    LAYOUT = "  <root>/annotations/person_keypoints_{split}.json\n  <root>/{split}/<file_name>"
+
+    def __init__(self, root, split="train2017", image_size=256, min_keypoints=8, skip_bad=False):
+        path = require(os.path.join(root, "annotations", f"person_keypoints_{split}.json"), self.LAYOUT)
+        require(os.path.join(root, split), self.LAYOUT)
+        with open(path) as f:
+            coco = json.load(f)
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        self.people = []
+        for a in coco["annotations"]:
+            if len(a.get("keypoints", [])) != 51 or "bbox" not in a or a.get("image_id") not in files:
+                raise ValueError(f"{path}: annotation {a.get('id', '?')} is malformed (needs 17 keypoints, bbox, "
+                                 f"a known image_id)")
+            if not a.get("iscrowd", 0) and a.get("num_keypoints", 0) >= min_keypoints:
+                self.people.append((files[a["image_id"]], a["bbox"], a["keypoints"]))
+        self.root, self.split, self.image_size, self.skip_bad = root, split, image_size, skip_bad
+
+    def __len__(self):
+        return len(self.people)
+
+    @staticmethod
+    def to_mpii(coco_keypoints):
+        """[17*3] COCO (x, y, v) -> MPII-16 keypoints [16,2] and visibility [16] (labelled = v > 0)."""
+        k = torch.tensor(coco_keypoints, dtype=torch.float32).view(17, 3)
+        labelled = k[:, 2] > 0
+        kp, vis = torch.zeros(16, 2), torch.zeros(16, dtype=torch.bool)
+        for m, c in enumerate(COCO_TO_MPII):
+            if c is not None:
+                kp[m], vis[m] = k[c, :2], labelled[c]
+        for m, (a, b) in COCO_MIDPOINTS.items():
+            if labelled[a] and labelled[b]:
+                kp[m], vis[m] = (k[a, :2] + k[b, :2]) / 2, True
+        return kp * vis[:, None], vis
+
+    def load(self, i):
+        file_name, (x, y, w, h), coco_kp = self.people[i]
+        rgb = read_image(os.path.join(self.root, self.split, file_name))
+        kp, vis = self.to_mpii(coco_kp)
+        out = crop_person(rgb, kp, vis, (x + w / 2, y + h / 2), 1.25 * max(w, h), self.image_size)
+        return dict(out, present={"rgb": True, "depth": False, "keypoints": True}, index=i)
+
+
+def read_ntu_skeleton(path):
+    """The official NTU RGB+D .skeleton text format: the frame count; per frame the body count; per body a line of
+    10 values (body id, clipedEdges, handLeftConfidence, handLeftState, handRightConfidence, handRightState,
+    isRestricted, leanX, leanY, trackingState), the joint count (25) and one line per joint of
+    x y z depthX depthY colorX colorY orientationW orientationX orientationY orientationZ trackingState.
+    Returns frames -> bodies -> {'body_id': str, 'joints': float array [25, 12] in that column order}."""
+    with open(require(path, "  an NTU RGB+D .skeleton file")) as f:
+        tokens = iter([line for line in f.read().splitlines() if line.strip()])
+    try:
+        frames = []
+        for _ in range(int(next(tokens))):
+            bodies = []
+            for _ in range(int(next(tokens))):
+                body_id = next(tokens).split()[0]
+                n = int(next(tokens))
+                joints = np.array([[float(v) for v in next(tokens).split()] for _ in range(n)])
+                if joints.shape != (n, 12):
+                    raise ValueError(f"joint lines need 12 values, got shape {joints.shape}")
+                bodies.append({"body_id": body_id, "joints": joints})
+            frames.append(bodies)
+    except (StopIteration, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: malformed .skeleton file ({e or 'ends early'})") from e
+    return frames
+
+
+def fit_color_to_depth(color_xy, depth_xy):
+    """Least-squares map from Kinect colour pixels to depth pixels, x_d = s x_c + t (one scale, a translation):
+    the two cameras are side by side and parallel, so at a person's distance the registration is close to a
+    scaling plus a shift. The fit uses the skeleton's tracked joints, whose colorX/Y and depthX/Y locate the same
+    body point in both frames. [N,2] + [N,2] -> (s, t [2])."""
+    c = color_xy - color_xy.mean(0)
+    d = depth_xy - depth_xy.mean(0)
+    s = float((c * d).sum() / (c * c).sum())
+    return s, depth_xy.mean(0) - s * color_xy.mean(0)
+
+
+class NTURGBD(SkipBad, torch.utils.data.Dataset):
+    """NTU RGB+D 60 frames: RGB, masked depth and skeleton, registered into the depth camera's frame.
+
+    Layout (the official masked depth maps and skeletons; RGB as frames extracted from the .avi files,
+    e.g. `ffmpeg -i S001C001P001R001A001_rgb.avi rgb/S001C001P001R001A001/%05d.jpg`, 1-based):
+        <root>/nturgb+d_skeletons/<name>.skeleton
+        <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png    (uint16 millimetres, background 0)
+        <root>/rgb/<name>/%05d.jpg
+    Every `stride`-th frame with a tracked body is an item; the first body is used. Registration: the colour
+    frame is resampled onto the depth pixel grid with the per-frame fit of `fit_color_to_depth`; then a square
+    person-centred crop (1.25 x the skeleton's extent in the depth frame) is resized to image_size."""
+
+    LAYOUT = ("  <root>/nturgb+d_skeletons/<name>.skeleton\n  <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png\n"
+              "  <root>/rgb/<name>/%05d.jpg")
+
+    def __init__(self, root, image_size=256, stride=10, skip_bad=False):
+        skel_dir = require(os.path.join(root, "nturgb+d_skeletons"), self.LAYOUT)
+        require(os.path.join(root, "nturgb+d_depth_masked"), self.LAYOUT)
+        require(os.path.join(root, "rgb"), self.LAYOUT)
+        self.items = []
+        for fname in sorted(os.listdir(skel_dir)):
+            if not fname.endswith(".skeleton"):
+                continue
+            name = fname[:-len(".skeleton")]
+            frames = read_ntu_skeleton(os.path.join(skel_dir, fname))
+            for t in range(0, len(frames), stride):
+                if frames[t]:
+                    self.items.append((name, t, frames[t][0]["joints"]))
+        self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i):
+        name, t, joints = self.items[i]
+        depth = read_image(os.path.join(self.root, "nturgb+d_depth_masked", name, f"MDepth-{t + 1:08d}.png"), "I")
+        depth = depth.float()[None] / 1000  # [1, H, W] metres
+        rgb = read_image(os.path.join(self.root, "rgb", name, f"{t + 1:05d}.jpg"))
+        tracked = joints[:, 11] == 2
+        s, shift = fit_color_to_depth(joints[tracked][:, 5:7], joints[tracked][:, 3:5])
+        H, W = depth.shape[-2:]
+        # depth pixel (u, v) sees the colour pixel ((u, v) - shift) / s
+        v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
+                              indexing="ij")
+        cx, cy = (u - float(shift[0])) / s, (v - float(shift[1])) / s
+        Hc, Wc = rgb.shape[-2:]
+        grid = torch.stack([cx / (Wc - 1) * 2 - 1, cy / (Hc - 1) * 2 - 1], dim=-1)[None]
+        rgb = torch.nn.functional.grid_sample(rgb[None], grid, align_corners=True)[0]  # [3, H, W] in depth frame
+        kp = torch.from_numpy(joints[KINECT_TO_MPII, 3:5]).float()
+        vis = torch.from_numpy(joints[KINECT_TO_MPII, 11] > 0)
+        lo, hi = kp[vis].min(0).values, kp[vis].max(0).values
+        centre, size = ((lo + hi) / 2).tolist(), 1.25 * float((hi - lo).max()) + 16
+        out = crop_person(rgb, kp, vis, centre, size, self.image_size)
+        top, left = round(centre[1] - size / 2), round(centre[0] - size / 2)
+        out["depth"] = TF.resized_crop(depth, top, left, round(size), round(size), [self.image_size] * 2,
+                                       interpolation=v2.InterpolationMode.NEAREST)
+        return dict(out, present={"rgb": True, "depth": True, "keypoints": True}, index=i)
+
+
+# -------------------------------------------------------------------------------------------------- downstream
+class Human36MParts(SkipBad, torch.utils.data.Dataset):
+    """Human3.6M human parsing (24 parts, as HCMoCo uses it): root/{split}.txt with one
+    `<rgb path> <label path>` pair per line, paths relative to root; label PNGs hold 0..24 (255 ignore)."""
+
+    LAYOUT = "  <root>/{split}.txt  (lines: <rgb path> <label png path>, relative to <root>)"
+
+    def __init__(self, root, split="train", skip_bad=False):
+        self.pairs = read_list(require(os.path.join(root, f"{split}.txt"), self.LAYOUT), 2)
+        self.root, self.skip_bad = root, skip_bad
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, i):
+        rgb_path, label_path = (os.path.join(self.root, p) for p in self.pairs[i])
+        parts = read_image(label_path, "L")
+        return dict(rgb=read_image(rgb_path), parts=parts, mask=(parts > 0) & (parts < 255),
+                    present={"rgb": True, "depth": False, "keypoints": False}, index=i)
+
+
+class NTURGBDParsing(SkipBad, torch.utils.data.Dataset):
+    """NTURGBD-Parsing-4K (HCMoCo's release): root/{split}.txt with `<rgb> <depth png, uint16 mm> <label png>`
+    per line, relative to root; RGB already registered to depth; labels 0..24 (255 ignore)."""
+
+    LAYOUT = "  <root>/{split}.txt  (lines: <rgb path> <depth png path> <label png path>, relative to <root>)"
+
+    def __init__(self, root, split="train", skip_bad=False):
+        self.triples = read_list(require(os.path.join(root, f"{split}.txt"), self.LAYOUT), 3)
+        self.root, self.skip_bad = root, skip_bad
+
+    def __len__(self):
+        return len(self.triples)
+
+    def load(self, i):
+        rgb_path, depth_path, label_path = (os.path.join(self.root, p) for p in self.triples[i])
+        parts = read_image(label_path, "L")
+        return dict(rgb=read_image(rgb_path), depth=read_image(depth_path, "I").float()[None] / 1000, parts=parts,
+                    mask=(parts > 0) & (parts < 255), present={"rgb": True, "depth": True, "keypoints": False},
+                    index=i)
+
+
+def read_list(path, columns):
+    """Lines of `columns` whitespace-separated paths; a malformed line is named."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = line.split()
+                if len(row) != columns:
+                    raise ValueError(f"{path}:{n}: expected {columns} paths, got {len(row)}")
+                rows.append(row)
+    return rows
+
+
+class ITOP(torch.utils.data.Dataset):
+    """ITOP side view (Haque et al., 2016): root/ITOP_side_{split}_depth_map.h5 (`data` [N,240,320] metres) and
+    root/ITOP_side_{split}_labels.h5 (`real_world_coordinates` [N,15,3] metres, `image_coordinates` [N,15,2],
+    `visible_joints` [N,15], `is_valid` [N]). Items are valid frames with depth and joints3d in ITOP's 15-joint
+    order (head, neck, r/l shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot), in ITOP's
+    real-world frame. Needs h5py, imported here only."""
+
+    def __init__(self, root, split="train"):
+        try:
+            import h5py
+        except ImportError as e:
+            raise ImportError("ITOP reads HDF5 files: pip install h5py") from e
+        layout = "  <root>/ITOP_side_{split}_depth_map.h5\n  <root>/ITOP_side_{split}_labels.h5"
+        with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_labels.h5"), layout), "r") as f:
+            valid = np.asarray(f["is_valid"]).astype(bool)
+            self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32)
+            self.visible = np.asarray(f["visible_joints"])[valid].astype(bool)
+        with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_depth_map.h5"), layout), "r") as f:
+            self.depth = np.asarray(f["data"])[valid].astype(np.float32)
+
+    def __len__(self):
+        return len(self.depth)
+
+    def __getitem__(self, i):
+        return dict(depth=torch.from_numpy(self.depth[i])[None], joints3d=torch.from_numpy(self.joints3d[i]),
+                    joints_visible=torch.from_numpy(self.visible[i]),
+                    present={"rgb": False, "depth": True, "keypoints": False}, index=i)
+
+
+# ---------------------------------------------------------------------------------------------- mixing, collate
+class MixedDataset(torch.utils.data.Dataset):
+    """Concatenation of heterogeneous datasets. `index` becomes dataset-wide (each dataset's items are offset by the
+    sizes of those before it), the memory bank's key; each item keeps its `present` mask."""
+
+    def __init__(self, datasets):
+        self.datasets = list(datasets)
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for MixedDataset of {len(self)} items")
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        sample = dict(self.datasets[k][i - int(self.offsets[k])])
+        sample["index"] = i
+        return sample
+
+
+def collate(samples):
+    """Stack samples into the batch dict of DESIGN.md. A modality an item lacks is zero-filled (depth [1,H,W],
+    keypoints [16,2] with keypoints_visible False) and present[...] = False, so the losses can mask it. Label keys
+    are kept when every sample has them."""
+    H, W = next(s[k] for s in samples for k in ("rgb", "depth") if k in s).shape[-2:]
+    blank = {"rgb": torch.zeros(3, H, W), "depth": torch.zeros(1, H, W), "keypoints": torch.zeros(16, 2),
+             "keypoints_visible": torch.zeros(16, dtype=torch.bool)}
+    batch = {k: torch.stack([s.get(k, v) for s in samples]) for k, v in blank.items()}
+    batch["present"] = {m: torch.tensor([bool(s["present"][m]) and (m in s) for s in samples]) for m in MODALITIES}
+    batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+    common = set.intersection(*(set(s) for s in samples)) - set(batch)
+    for k in sorted(common):
+        batch[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])
+    return batch
+
+
+# -------------------------------------------------------------------------------------------------- transforms
+def normalize_rgb(rgb):
+    return (rgb - IMAGENET_MEAN.to(rgb)) / IMAGENET_STD.to(rgb)
+
+
+def denormalize_rgb(rgb):
+    """Undo normalize_rgb for display: [..., 3, H, W] -> values in [0, 1]."""
+    return (rgb * IMAGENET_STD.to(rgb) + IMAGENET_MEAN.to(rgb)).clamp(0, 1)
+
+
+class PairedTransform:
+    """One random geometric transform applied identically to every modality and label of a sample.
+
+    Train: a random rotation (+-rotate deg), scale and translation about the image centre, a horizontal flip with
+    probability `flip` (keypoint slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: synthetic.flip_sample),
+    colour jitter on RGB only. Eval (train=False): only the resize. Both resize to image_size and normalise RGB
+    with the ImageNet statistics. Depth, parts, iuv and mask use nearest-neighbour sampling so that depth never
+    blends with holes; pixels from outside the source are 0 (depth: no return; parts: 255, ignored).
+    Keypoints that leave the frame become not visible. Intrinsics are updated for the scale and translation of the
+    crop and left alone by the rotation (about the image centre), so a back-projected cloud is rotated about the
+    optical axis, a rigid motion."""
+
+    def __init__(self, image_size, train=True, rotate=30.0, scale=(0.75, 1.25), translate=0.1, flip=0.5,
+                 color_jitter=0.4):
+        self.image_size, self.train = image_size, train
+        self.rotate, self.scale, self.translate, self.flip = rotate, scale, translate, flip
+        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 8)
+
+    def __call__(self, sample):
+        out = dict(sample)
+        size = sample["rgb"].shape[-2:] if "rgb" in sample else sample["depth"].shape[-2:]
+        if self.train:
+            if random.random() < self.flip:
+                out = flip_sample(out)
+            angle = random.uniform(-self.rotate, self.rotate)
+            s = math.exp(random.uniform(*np.log(self.scale)))
+            shift = [round(random.uniform(-self.translate, self.translate) * n) for n in size[::-1]]
+            out = self._geometric(out, lambda x, interp, fill: TF.affine(
+                x, angle=angle, translate=shift, scale=s, shear=[0.0, 0.0], interpolation=interp, fill=fill))
+            if "intrinsics" in out:
+                K = out["intrinsics"].clone()
+                centre = torch.tensor([(size[1] - 1) / 2, (size[0] - 1) / 2])
+                K[:2, :2] *= s
+                K[:2, 2] = (K[:2, 2] - centre) * s + centre + torch.tensor(shift, dtype=torch.float32)
+                out["intrinsics"] = K
+            if "rgb" in out:
+                out["rgb"] = self.jitter(out["rgb"])
+        if tuple(size) != (self.image_size, self.image_size):
+            out = self._geometric(out, lambda x, interp, fill: TF.resize(
+                x, [self.image_size] * 2, interpolation=interp, antialias=interp != v2.InterpolationMode.NEAREST))
+            if "intrinsics" in out:
+                K = out["intrinsics"].clone()
+                ratio = torch.tensor([self.image_size / size[1], self.image_size / size[0]])
+                K[0, :] *= ratio[0]
+                K[1, :] *= ratio[1]
+                K[:2, 2] += (ratio - 1) / 2  # pixel centres at integers
+                out["intrinsics"] = K
+        if "rgb" in out:
+            out["rgb"] = normalize_rgb(out["rgb"])
+        return out
+
+    @staticmethod
+    def _geometric(sample, op):
+        """Apply op(tensor, interpolation, fill) to every spatial entry. Keypoints go through torchvision's
+        continuous coordinates (pixel i spans [i, i + 1)), hence the half-pixel shifts."""
+        out = dict(sample)
+        nearest, bilinear = v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR
+        if "rgb" in out:
+            out["rgb"] = op(tv_tensors.Image(out["rgb"]), bilinear, 0.0).as_subclass(torch.Tensor)
+        for key, fill in (("depth", 0.0), ("iuv", 0.0), ("mask", False), ("parts", 255)):
+            if key in out:
+                out[key] = op(tv_tensors.Mask(out[key]), nearest, fill).as_subclass(torch.Tensor)
+        if "keypoints" in out:
+            canvas = tuple((out.get("rgb", out.get("depth"))).shape[-2:])
+            before = tuple(sample.get("rgb", sample.get("depth")).shape[-2:])
+            kp = tv_tensors.KeyPoints(out["keypoints"] + 0.5, canvas_size=before)
+            kp = op(kp, bilinear, 0.0).as_subclass(torch.Tensor) - 0.5
+            inside = ((kp >= 0) & (kp <= torch.tensor([canvas[1] - 1, canvas[0] - 1]))).all(dim=1)
+            out["keypoints"], out["keypoints_visible"] = kp.float(), out["keypoints_visible"] & inside
+        return out
+
+
+class Transformed(torch.utils.data.Dataset):
+    """A dataset with a PairedTransform applied to each item."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.transform(self.dataset[i])
