@@ -133,7 +133,7 @@ class MemoryBank(nn.Module):
         for b in self.modalities:
             bank = self.memory(b)
             if self.num_negatives >= self.size:
-                negatives = bank  # [K, D]
+                negatives = bank.clone()  # [K, D]; a copy, because update() below writes into the bank
             else:
                 negatives = bank[torch.randint(self.size, (self.num_negatives,), device=bank.device)]  # [K, D]
             positive = bank[index]  # [B, D]

@@ -145,20 +145,21 @@ def test_memory_bank_matches_brute_force_with_whole_bank_as_negatives():
     size, dim, tau = 6, 4, 0.5
     bank = losses.MemoryBank(size, dim, ["rgb", "depth"], num_negatives=size, momentum=0.5, tau=tau).double()
     mem = {m: bank.memory(m).clone() for m in ["rgb", "depth"]}
-    feats = {m: torch.randn(3, dim, dtype=torch.float64) for m in ["rgb", "depth"]}
+    feats = {m: torch.randn(3, dim, dtype=torch.float64, requires_grad=True) for m in ["rgb", "depth"]}
     index = torch.tensor([4, 0, 2])
     present = {"rgb": torch.tensor([True, True, True]), "depth": torch.tensor([True, False, True])}
     got = bank(feats, index, present)
+    got.backward()  # the update after the loss must not invalidate what backward needs
     terms = []
     for a, b in [("rgb", "depth"), ("depth", "rgb")]:
         for r in range(3):
             if not (present[a][r] and present[b][r]):
                 continue
-            q = unit(feats[a][r])
+            q = unit(feats[a][r].detach())
             pos = math.exp(float(q @ mem[b][index[r]]) / tau)
             neg = sum(math.exp(float(q @ mem[b][k]) / tau) for k in range(size))
             terms.append(-math.log(pos / (pos + neg)))
-    assert abs(float(got) - sum(terms) / len(terms)) < 1e-9
+    assert abs(got.item() - sum(terms) / len(terms)) < 1e-9
 
 
 def test_memory_bank_momentum_update_is_exact_and_skips_absent_rows():
