@@ -473,7 +473,9 @@ class PairedTransform:
 
 
 class Transformed(torch.utils.data.Dataset):
-    """A dataset with a PairedTransform applied to each item."""
+    """A dataset with a PairedTransform applied to each item. Indexed by a pair (i, seed), the transform draws its
+    randomness from `seed` alone (Python's and torch's generators are forked around the call), so augmentations
+    do not depend on the number of workers or ranks, and a resumed run sees what an uninterrupted one would."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -481,5 +483,15 @@ class Transformed(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        return self.transform(self.dataset[i])
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.transform(self.dataset[key])
+        i, seed = key
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.transform(self.dataset[i])
+            finally:
+                random.setstate(state)
