@@ -1,0 +1,110 @@
+"""train.py: the CLI, stage chaining, exact resume, the NaN guard, bad roots, and a 2-process torchrun run."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hcmoco
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
+        "--workers", "0", "--preset", "cpu", "--log-every", "1"]
+
+
+def run(tmp_path, *args):
+    train.main([*TINY, "--out", str(tmp_path), *args])
+    return tmp_path
+
+
+def weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_help_lists_the_options():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    for option in ("--stage", "--preset", "--data", "--targets", "--epochs", "--steps", "--batch-size", "--lr", "--out",
+                   "--resume", "--device", "--seed", "--workers"):
+        assert option in out, option
+
+
+def test_two_stages_chain_and_log(tmp_path, capsys):
+    run(tmp_path, "--stage", "1", "--steps", "3")
+    s1 = weights(tmp_path / "stage1.pt")
+    # a vanishing learning rate leaves stage 2's weights where stage 1 left them
+    run(tmp_path, "--stage", "2", "--steps", "2", "--lr", "1e-30")
+    assert "reusing the finished" in capsys.readouterr().out
+    s2 = weights(tmp_path / "stage2.pt")
+    for k in ("encoders.rgb.conv1.weight", "encoders.keypoints.input.gconv.W", "global_mappers.depth.weight"):
+        torch.testing.assert_close(s2[k], s1[k])
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert {"loss", "global", "dense", "sparse"} <= set(rows[-1]) and "dense" not in rows[0]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    ckpt = torch.load(tmp_path / "stage2.pt", weights_only=False)
+    assert ckpt["done"] and ckpt["step"] == 2 and ckpt["config"]["model"]["targets"] == "global+soft+sparse"
+    assert "bank.bank_depth" in ckpt["model"] and "optimizer" in ckpt
+    model = hcmoco.HCMoCo.from_checkpoint(tmp_path / "stage2.pt")
+    torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    run(tmp_path / "a", "--stage", "1", "--steps", "4")
+    calls = {"n": 0}
+    forward = hcmoco.HCMoCo.forward
+
+    def crash_on_third_step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", "--stage", "1", "--steps", "4", "--save-every", "2")
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", forward)
+    assert torch.load(tmp_path / "b" / "stage1.pt", weights_only=False)["step"] == 2
+    run(tmp_path / "b", "--stage", "1", "--steps", "4", "--resume")
+    a, b = weights(tmp_path / "a" / "stage1.pt"), weights(tmp_path / "b" / "stage1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = hcmoco.HCMoCo.forward
+
+    def nan_on_fourth_step(self, *a, **kw):
+        calls["n"] += 1
+        loss, terms = forward(self, *a, **kw)
+        return (loss * float("nan"), terms) if calls["n"] == 4 else (loss, terms)
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", nan_on_fourth_step)
+    with pytest.raises(SystemExit, match="non-finite loss at step 3.*stage1.pt"):
+        run(tmp_path, "--stage", "1", "--steps", "6", "--save-every", "2")
+    ckpt = torch.load(tmp_path / "stage1.pt", weights_only=False)
+    assert ckpt["step"] == 2 and not ckpt["done"]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_missing_dataset_root_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "HCMoCo", None)  # no model may be built before the error
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path / "nowhere"))):
+        run(tmp_path, "--data", "ntu+mpii", "--ntu-root", str(tmp_path / "nowhere"), "--mpii-root", str(tmp_path))
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
+           *TINY, "--stage", "1", "--steps", "2", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["stage1.pt"]
+    assert torch.load(tmp_path / "stage1.pt", weights_only=False)["step"] == 2

@@ -1,0 +1,318 @@
+"""HCMoCo pre-training, two stages as published: stage 1 trains the sample-level target alone (Eq. 2), stage 2
+starts from it and trains the whole hierarchy (Eq. 1).
+
+    python train.py --stage 2                      # both stages, synthetic data, CPU preset without a GPU
+    python train.py --stage 1                      # stage 1 only
+    python train.py --stage 2 --targets global+hard --out runs/hard   # an ablation row of Table 3
+    torchrun --nproc_per_node 8 train.py --stage 2 --preset paper --data ntu+mpii --ntu-root N --mpii-root M
+
+Outputs in --out: stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG state, config; written
+atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run; a finished
+stage1.pt found in --out is reused by stage 2.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import synthetic
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
+
+PRESETS = {
+    # CPU: the small HRNet at 96 px; 1,024 samples, 5 epochs per stage: both stages in about 6 minutes on 2 cores
+    "cpu": dict(image_size=96, hrnet="small", width=16, batch_size=16, lr=0.05, epochs=5, num_negatives=1024,
+                synthetic_samples=1024),
+    # supp. 1.1: HRNet-W18, batch 224, SGD lr 0.03 with a cosine schedule, 100 + 100 epochs, 16,384 negatives
+    "paper": dict(image_size=256, hrnet="w18", width=18, batch_size=224, lr=0.03, epochs=100, num_negatives=16384,
+                  synthetic_samples=65536),
+}
+
+
+@dataclass
+class Config:
+    stage: int = 2
+    preset: str = "auto"  # cpu | paper | auto (paper on a GPU, cpu otherwise)
+    data: str = "synthetic"  # synthetic | ntu+mpii | ntu+coco
+    ntu_root: str = ""
+    mpii_root: str = ""
+    coco_root: str = ""
+    targets: str = "global+soft+sparse"  # stage 2's targets; stage 1 is always 'global'
+    depth_encoder: str = "hrnet"
+    epochs: int = 0  # per stage; 0 = the preset's
+    steps: int = 0  # per stage, overrides epochs (smoke runs)
+    batch_size: int = 0  # global; 0 = the preset's
+    lr: float = 0.0  # 0 = the preset's
+    image_size: int = 0
+    hrnet: str = ""
+    width: int = 0
+    num_negatives: int = 0
+    synthetic_samples: int = 0
+    out: str = "runs/hcmoco"
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    compile: bool = False
+    save_every: int = 100
+    log_every: int = 10
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(name, action="store_true")
+        else:
+            parser.add_argument(name, type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    cfg = Config(**vars(args))
+    checks = [(cfg.stage in (1, 2), "--stage must be 1 or 2"), (cfg.targets in TARGETS, f"--targets: one of {TARGETS}"),
+              (cfg.preset in ("auto", "cpu", "paper"), "--preset: auto, cpu or paper"),
+              (cfg.data in ("synthetic", "ntu+mpii", "ntu+coco"), "--data: synthetic, ntu+mpii or ntu+coco"),
+              (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda")]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    return cfg
+
+
+def resolve(cfg):
+    """Fill the options left at 0 / '' from the preset."""
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    preset = cfg.preset if cfg.preset != "auto" else ("paper" if device == "cuda" else "cpu")
+    values = asdict(cfg)
+    for k, v in PRESETS[preset].items():
+        if not values[k]:
+            values[k] = v
+    values.update(preset=preset, device=device)
+    return Config(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def build_dataset(cfg):
+    """The pre-training set: an all-modality set mixed with a no-depth set (NTU RGB+D + MPII or COCO; or their
+    synthetic stand-ins, 3/4 'indoor' with depth and 1/4 'wild' without). Readers raise FileNotFoundError naming
+    a missing root before any model is built."""
+    s = cfg.image_size
+    if cfg.data == "synthetic":
+        n = cfg.synthetic_samples
+        parts = [synthetic.SyntheticHumans(n - n // 4, s, seed=cfg.seed, domain="indoor"),
+                 synthetic.SyntheticHumans(n // 4, s, seed=cfg.seed + 1, domain="wild", with_depth=False)]
+    else:
+        ntu = data.NTURGBD(cfg.ntu_root, s)
+        parts = [ntu, data.MPII(cfg.mpii_root, "train", s) if cfg.data == "ntu+mpii"
+                 else data.COCOKeypoints(cfg.coco_root, "train2017", s)]
+    return data.MixedDataset(parts)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (index, augmentation seed) for steps start..stop-1. Step k takes items [k G, (k + 1) G) of an
+    endless stream of seeded permutations of the dataset (G = global batch); rank r takes the r-th slice. The
+    data of a step depends only on (seed, k), so resuming, the number of workers and the number of ranks do not
+    change what the model sees."""
+
+    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
+        self.n, self.G, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
+        self.rank, self.local = rank, global_batch // world
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for k in range(self.start, self.stop):
+            first = k * self.G + self.rank * self.local
+            yield [(self.item(p), self.seed * 1_000_003 + p) for p in range(first, first + self.local)]
+
+    def item(self, p):
+        epoch, offset = divmod(p, self.n)
+        g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
+        return int(torch.randperm(self.n, generator=g)[offset])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints, logs
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename, so a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_log(out):
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_log(out):
+    """loss.png: the total loss and each term against the step, stage 2 after stage 1."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_log(out)
+    if not rows:
+        return
+    offset = max((r["step"] for r in rows if r["stage"] == 1), default=-1) + 1
+    x = [r["step"] + (offset if r["stage"] == 2 else 0) for r in rows]
+    keys = [k for k in ("loss", "global", "dense", "sparse") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        pts = [(xi, r[k]) for xi, r in zip(x, rows) if k in r]
+        ax.plot(*zip(*pts), lw=1)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        if offset and any(r["stage"] == 2 for r in rows):
+            ax.axvline(offset, color="grey", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=90)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------- training
+def model_config(cfg, stage, bank_size):
+    return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
+                        targets="global" if stage == 1 else cfg.targets, num_negatives=cfg.num_negatives,
+                        bank_size=bank_size)
+
+
+def to_device(batch, device):
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return {k: ({m: move(v) for m, v in t.items()} if isinstance(t, dict) else move(t)) for k, t in batch.items()}
+
+
+def gather_all(t):
+    """Concatenate a tensor over ranks; float tensors keep their gradient to the rank that owns them."""
+    import torch.distributed.nn.functional as dist_nn
+    if t.is_floating_point():
+        return torch.cat(dist_nn.all_gather(t))
+    parts = [torch.empty_like(t, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.to(torch.int64))
+    return torch.cat(parts).to(t.dtype)
+
+
+def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
+    """Train one stage; returns the path of its finished checkpoint."""
+    out, device = cfg.out, torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    path = os.path.join(out, f"stage{stage}.pt")
+    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+
+    model = HCMoCo(model_config(cfg, stage, len(dataset))).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    start = 0
+    if cfg.resume and os.path.exists(path):
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        log(f"stage {stage}: resuming {path} at step {start}")
+    elif stage == 2:
+        first = torch.load(os.path.join(out, "stage1.pt"), map_location=device, weights_only=False)
+        model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for encoder in model.encoders.values():
+            encoder.compile()
+    net = model
+    if world > 1:
+        # the memory bank is kept identical on every rank by the gathered update, so buffers are not broadcast
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None, broadcast_buffers=False, find_unused_parameters=True)
+
+    transform = data.PairedTransform(cfg.image_size, train=True)
+    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed + 1000 * stage, start, total, rank, world)
+    loader = torch.utils.data.DataLoader(data.Transformed(dataset, transform), batch_sampler=sampler,
+                                         num_workers=cfg.workers, collate_fn=data.collate,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+
+    def save(step, done):
+        if rank == 0:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, done=done,
+                             stage=stage, rng=torch.get_rng_state(),
+                             config=dict(train=asdict(cfg), model=asdict(model.cfg))), path)
+
+    if rank == 0:
+        rows = [r for r in read_log(out) if r["stage"] < stage or (r["stage"] == stage and r["step"] < start)]
+        with open(os.path.join(out, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    bar = tqdm(total=total, initial=start, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    t0 = time.time()
+    for step, batch in zip(range(start, total), loader):
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, device)
+        if device.type == "cuda":
+            batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, terms = net(batch, gather=gather_all if world > 1 else None)
+        if not torch.isfinite(loss):
+            bar.close()
+            raise SystemExit(f"stage {stage}: non-finite loss at step {step} ({ {k: v.item() for k, v in terms.items()} }); "
+                             f"the last good checkpoint is {path}" + ("" if os.path.exists(path) else " (none yet)"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total - 1:
+            values = {k: round(v.item(), 4) for k, v in terms.items()}
+            bar.set_postfix(values)
+            if rank == 0:
+                with open(os.path.join(out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(stage=stage, step=step, lr=lr, time=round(time.time() - t0, 2),
+                                            **values)) + "\n")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save(step + 1, done=False)
+    bar.close()
+    save(total, done=True)
+    if rank == 0:
+        plot_log(out)
+    return path
+
+
+def main(argv=None):
+    cfg = resolve(parse_args(argv))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+        if cfg.batch_size % world:
+            raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
+    torch.manual_seed(cfg.seed + rank)
+    try:
+        dataset = build_dataset(cfg)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    os.makedirs(cfg.out, exist_ok=True)
+    log = print if rank == 0 else (lambda *a: None)
+    log(f"HCMoCo pre-training: preset {cfg.preset} on {cfg.device} x{world}, {cfg.data} data ({len(dataset)} "
+        f"samples), HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}")
+    saved = []
+    for stage in range(1, cfg.stage + 1):
+        path = os.path.join(cfg.out, f"stage{stage}.pt")
+        if os.path.exists(path) and torch.load(path, map_location="cpu", weights_only=False)["done"]:
+            log(f"stage {stage}: reusing the finished {path}")
+        else:
+            run_stage(cfg, stage, dataset, rank, world, log)
+        saved.append(path)
+    if world > 1:
+        dist.destroy_process_group()
+    log(f"saved {', '.join(saved)}, log {os.path.join(cfg.out, 'log.jsonl')} and {os.path.join(cfg.out, 'loss.png')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
