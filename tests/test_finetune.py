@@ -1,0 +1,115 @@
+"""finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
+and cross-modal training never touches the target modality's labelled images."""
+import json
+
+import pytest
+import torch
+
+import finetune
+import synthetic
+import train
+
+TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "32", "--batch-size", "4",
+        "--workers", "0"]
+
+
+def test_parsing_metrics_from_a_hand_made_confusion_matrix():
+    label = torch.tensor([0, 0, 0, 1, 1, 2, 255])
+    pred = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    cm = finetune.confusion_matrix(pred, label, num_classes=3)
+    assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    m = finetune.parsing_metrics(cm)
+    ious = [2 / 3, 1 / 3, 1 / 2]  # tp / (gt + pred - tp)
+    assert abs(m["miou"] - 100 * sum(ious) / 3) < 1e-9
+    assert abs(m["macc"] - 100 * (2 / 3 + 1 / 2 + 1) / 3) < 1e-9
+    assert abs(m["aacc"] - 100 * 4 / 6) < 1e-9
+
+
+def test_pose_metrics_on_hand_made_joints():
+    gt = torch.zeros(1, 4, 3)
+    pred = torch.tensor([[[0.05, 0, 0], [0, 0.099, 0], [0, 0, 0.2], [0.3, 0.4, 0]]])
+    m = finetune.pose_metrics(pred, gt)
+    assert m["acc10cm"] == 50.0
+    assert abs(m["mpjpe_cm"] - 100 * (0.05 + 0.099 + 0.2 + 0.5) / 4) < 1e-5
+
+
+def test_densepose_metrics():
+    iuv = torch.zeros(1, 3, 1, 4)
+    iuv[0, 0] = torch.tensor([0, 3, 3, 5])
+    iuv[0, 1:, 0, 1:] = 0.5
+    part_pred = torch.tensor([[[0, 3, 3, 4]]])
+    uv_pred = torch.full((1, 2, 1, 4), 0.5)
+    uv_pred[0, 0, 0, 2] = 0.9  # right part, uv off by 0.4
+    m = finetune.densepose_metrics(part_pred, uv_pred, iuv)
+    assert abs(m["part_acc"] - 200 / 3) < 1e-4 and abs(m["uv_acc"] - 100 / 3) < 1e-4
+    gps = (1 + torch.exp(torch.tensor(-0.16 / 0.02)).item()) / 3 * 100
+    assert abs(m["gps"] - gps) < 1e-3
+
+
+@pytest.mark.parametrize("ratio,expected", [(1.0, list(range(10))), (0.2, [0, 9]), (0.5, [0, 2, 4, 7, 9]),
+                                            (0.01, [0])])
+def test_ratio_keeps_a_uniformly_spaced_subset(ratio, expected):
+    assert finetune.subset_indices(10, ratio) == expected
+
+
+@pytest.mark.parametrize("task", ["rgb-parsing", "depth-parsing", "depth-pose", "dense-pose"])
+def test_each_head_trains_and_reports_its_metrics(task, tmp_path):
+    m = finetune.main(["--task", task, "--out", str(tmp_path), *TINY])
+    keys = {"rgb-parsing": {"miou", "macc", "aacc", "iou"}, "depth-parsing": {"miou", "macc", "aacc", "iou"},
+            "depth-pose": {"acc10cm", "mpjpe_cm"}, "dense-pose": {"part_acc", "uv_acc", "gps"}}[task]
+    assert keys <= set(m) and m["train_images"] == 8
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert all(abs(saved[k] - m[k]) < 1e-9 for k in keys if k != "iou")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train.main(["--stage", "1", "--steps", "1", "--image-size", "32", "--width", "4", "--batch-size", "4",
+                "--synthetic-samples", "12", "--num-negatives", "8", "--workers", "0", "--preset", "cpu",
+                "--out", str(out)])
+    return out / "stage1.pt"
+
+
+def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
+    net, report = finetune.load_backbone(str(checkpoint), "depth", finetune.HCMoCoConfig())
+    state = torch.load(checkpoint, weights_only=False)["model"]
+    torch.testing.assert_close(net.stage4[0].branches[3][0].conv1.weight,
+                               state["encoders.depth.stage4.0.branches.3.0.conv1.weight"])
+    assert report == {"missing": [], "unexpected": []} and net.out_channels[0] == 4
+    assert "loaded" in capsys.readouterr().out
+    # an external state_dict with a missing tensor is reported
+    partial = {k[len("encoders.rgb."):]: v for k, v in state.items() if k.startswith("encoders.rgb.")}
+    partial.pop("conv1.weight")
+    path = checkpoint.parent / "external.pth"
+    torch.save(partial, path)
+    net, report = finetune.load_backbone(str(path), "rgb", finetune.HCMoCoConfig(width=4))
+    assert report["missing"] == ["conv1.weight"]
+
+
+def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, monkeypatch):
+    """Every labelled batch the head trains on carries no depth: present False and zero-filled by collate."""
+    seen = []
+    forward = finetune.Versatile.forward
+
+    def spy(self, batch, modalities):
+        if self.training:
+            seen.append((batch["present"]["depth"].any().item(), batch["depth"].abs().sum().item(), modalities))
+        return forward(self, batch, modalities)
+
+    monkeypatch.setattr(finetune.Versatile, "forward", spy)
+    m = finetune.main(["--task", "cross-modal", "--source", "rgb", "--target", "depth", "--init", str(checkpoint),
+                       "--out", str(tmp_path), *TINY])
+    assert "depth_miou" in m and len(seen) == 3
+    assert all(s == (False, 0.0, ["rgb"]) for s in seen)
+    # without the LabelledView the labelled depth images would reach the head: the check above can fail
+    seen.clear()
+    monkeypatch.setattr(finetune, "LabelledView", lambda ds, keep: ds)
+    finetune.main(["--task", "cross-modal", "--init", str(checkpoint), "--out", str(tmp_path / "m"), *TINY])
+    assert all(s[0] and s[1] > 0 for s in seen)
+
+
+def test_labelled_view_drops_other_modalities():
+    s = synthetic.SyntheticHumans(1, 32)
+    view = finetune.LabelledView(s, keep=["depth"])[0]
+    assert "rgb" not in view and not view["present"]["rgb"] and "depth" in view and "parts" in view
