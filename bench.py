@@ -1,21 +1,30 @@
 """Speed and memory benchmarks, printed as ratios measured side by side in one run.
 
-    python bench.py                 # every section
-    python bench.py losses encoders # chosen sections
+    python bench.py                  # every section
+    python bench.py losses encoders  # chosen sections: losses, encoders, synthetic, train
 
-Timings are wall-clock medians; CUDA runs synchronise before reading the clock.
+Timings are wall-clock medians; CUDA runs synchronise before reading the clock. Peak memory is the device's
+peak allocation on CUDA and, on CPU (Linux), the rise of a fresh process's peak resident memory during one
+forward + backward of the case.
 Speed goals live here, never as timed assertions in the tests.
 """
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
+
+import losses
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def timeit(fn, warmup=2, iters=10):
     """Median seconds of `fn()` over `iters` calls after `warmup` calls."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
@@ -28,12 +37,239 @@ def timeit(fn, warmup=2, iters=10):
     return statistics.median(times)
 
 
-# Each section: name -> function printing its table. Sections are added above this line.
-SECTIONS = {
-}
+def table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+# The published per-GPU scale: batch 56, 128-d embeddings, 16,384 negatives from a bank of 143,648 samples and
+# 3 modalities; dense 400 points x 128 channels, both directions; sparse 16 joints x 2 representations.
+B, DIM, K, BANK, MODS, N, J, M = 56, 128, 16384, 143_648, ("rgb", "depth", "keypoints"), 400, 16, 2
+
+
+def loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    feats = {m: torch.randn(B, DIM, generator=g).to(DEVICE).requires_grad_() for m in MODS}
+    dense = [torch.randn(B, N, DIM, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
+    coords = (torch.rand(B, N, 2, generator=g) * 64).to(DEVICE)
+    sparse = torch.randn(B, M, J, DIM, generator=g).to(DEVICE).requires_grad_()
+    valid = (torch.rand(B, M, J, generator=g) > 0.1).to(DEVICE)
+    present = {m: torch.ones(B, dtype=torch.bool, device=DEVICE) for m in MODS}
+    return feats, dense, coords, sparse, valid, present, torch.randperm(BANK, generator=g)[:B].to(DEVICE)
+
+
+def published_global(bank, feats, index, present):
+    """As the published code: per sample, K + 1 bank rows (its positive first) gathered into [B, K + 1, D]."""
+    total = []
+    for b in MODS:
+        mem = bank.memory(b)
+        for a in MODS:
+            if a != b:
+                idx = torch.randint(BANK, (B, K + 1), device=DEVICE)
+                idx[:, 0] = index
+                weight = mem[idx]  # [B, K + 1, D]
+                logits = torch.bmm(weight, F.normalize(feats[a], dim=-1)[:, :, None])[..., 0] / 0.07
+                total.append(F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=DEVICE)))
+    bank.update({m: F.normalize(f, dim=-1) for m, f in feats.items()}, index, present)
+    return sum(total) / len(total)
+
+
+def published_dense(f1, f2, w):
+    """Two separate similarity matrices, one per direction."""
+    f1, f2 = F.normalize(f1, dim=-1), F.normalize(f2, dim=-1)
+    s12 = f1 @ f2.transpose(1, 2) / 0.07
+    s21 = f2 @ f1.transpose(1, 2) / 0.07
+    return (-(w * s12.log_softmax(-1)).sum(-1).mean() - (w.transpose(1, 2) * s21.log_softmax(-1)).sum(-1).mean()) / 2
+
+
+def published_sparse(feats, valid):
+    """The positive/candidate index matrices built entry by entry in a Python loop."""
+    E = B * M * J
+    f = F.normalize(feats.reshape(E, DIM), dim=-1)
+    v = valid.reshape(E)
+    joint = torch.arange(J, device=DEVICE).repeat(B * M)
+    pos = torch.zeros(E, E, dtype=torch.bool, device=DEVICE)
+    cand = torch.zeros(E, E, dtype=torch.bool, device=DEVICE)
+    for i in range(E):
+        cand[i] = v & v[i]
+        cand[i, i] = False
+        pos[i] = cand[i] & (joint == joint[i])
+    logits = (f @ f.T / 0.07).masked_fill(~cand, float("-inf"))
+    logp = logits.log_softmax(-1).masked_fill(~pos, 0)
+    n = pos.sum(-1)
+    return -(logp.sum(-1)[n > 0] / n[n > 0]).mean()
+
+
+def ours_dense(f1, f2, w):
+    """Both directions from one similarity matrix, as hcmoco.py computes them."""
+    s = F.normalize(f1, dim=-1) @ F.normalize(f2, dim=-1).transpose(1, 2) / 0.07
+    return (losses.soft_cross_entropy(s, w) + losses.soft_cross_entropy(s.transpose(1, 2), w.transpose(1, 2))) / 2
+
+
+def loss_cases():
+    """name -> (fn running one forward + backward of that case)."""
+    feats, dense, coords, sparse, valid, present, index = loss_inputs()
+    bank = losses.MemoryBank(BANK, DIM, MODS, K).to(DEVICE)
+    w = losses.soft_weights(coords)
+
+    def ours():
+        return {"global": lambda: bank(feats, index, present).backward(),
+                "dense": lambda: ours_dense(*dense, w).backward(),
+                "sparse": lambda: losses.sparse_structure_loss(sparse, valid).backward()}
+
+    def published():
+        return {"global": lambda: published_global(bank, feats, index, present).backward(),
+                "dense": lambda: published_dense(*dense, w).backward(),
+                "sparse": lambda: published_sparse(sparse, valid).backward()}
+
+    return {"ours": ours(), "published": published()}
+
+
+def proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mb(variant, term):
+    """Peak memory of one forward + backward of a case: CUDA allocator peak, or a fresh process's peak RSS
+    above its RSS after building the inputs."""
+    if DEVICE.type == "cuda":
+        fn = loss_cases()[variant][term]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    out = subprocess.run([sys.executable, __file__, "--peak", variant, term], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def bench_losses():
+    cases = loss_cases()
+    rows, totals = [], {"ours": 0.0, "published": 0.0}
+    for term in ("global", "dense", "sparse"):
+        t = {v: timeit(cases[v][term], warmup=1, iters=5) for v in cases}
+        mem = {v: peak_memory_mb(v, term) for v in cases}
+        for v in t:
+            totals[v] += t[v]
+        rows.append([term, f"{1000 * t['ours']:.1f}", f"{1000 * t['published']:.1f}",
+                     f"{t['published'] / t['ours']:.1f}x", f"{mem['ours']:.0f}", f"{mem['published']:.0f}"])
+    rows.append(["all", f"{1000 * totals['ours']:.1f}", f"{1000 * totals['published']:.1f}",
+                 f"{totals['published'] / totals['ours']:.1f}x", "", ""])
+    print(f"forward + backward at B={B}, K={K}, bank={BANK}, N={N}, J={J}, M={M}")
+    table(rows, ["term", "ours ms", "published ms", "speed-up", "ours MB", "published MB"])
+
+
+# -------------------------------------------------------------------------------------------------------- encoders
+def samples_per_second(model, make_input, batch, bf16=False):
+    x = make_input(batch)
+
+    def step():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(*x) if isinstance(x, tuple) else model(x)
+        out = out if torch.is_tensor(out) else torch.cat([o.flatten(1) for o in out], 1)
+        out.float().square().mean().backward()
+
+    return batch / timeit(step, warmup=1, iters=3 if DEVICE.type == "cpu" else 20)
+
+
+def bench_encoders():
+    from encoders import HRNet, PointNet2, SemGCN
+    image = lambda c, s: lambda b: torch.randn(b, c, s, s, device=DEVICE)  # noqa: E731
+    cases = [("HRNet-W18 256x256", HRNet(18), image(3, 256), 2 if DEVICE.type == "cpu" else 56),
+             ("HRNet.small 96x96 (CPU preset)", HRNet.small(), image(3, 96), 16),
+             ("HRNet.small 128x128", HRNet.small(), image(3, 128), 16),
+             ("PointNet2 4,096 points", PointNet2(), lambda b: torch.rand(b, 4096, 3, device=DEVICE), 4),
+             ("SemGCN 16 joints", SemGCN(), lambda b: (torch.rand(b, 16, 2, device=DEVICE),), 256)]
+    rows = []
+    for name, model, make, batch in cases:
+        model = model.to(DEVICE).train()
+        row = [name, batch, f"{samples_per_second(model, make, batch):.1f}"]
+        if DEVICE.type == "cuda" and "HRNet" in name:
+            model = model.to(memory_format=torch.channels_last)
+            cl = lambda b, make=make: make(b).contiguous(memory_format=torch.channels_last)  # noqa: E731
+            row.append(f"{samples_per_second(model, cl, batch, bf16=True):.1f}")
+        rows.append(row)
+    header = ["forward + backward", "batch", f"samples/s ({DEVICE.type}, fp32)"]
+    table(rows, header + (["samples/s (bf16, channels_last)"] if DEVICE.type == "cuda" else []))
+
+
+# ------------------------------------------------------------------------------------------------------- synthetic
+def bench_synthetic():
+    import synthetic
+    torch.set_num_threads(1)
+    rows = []
+    for size in (128, 256):
+        for domain in ("indoor", "wild"):
+            ds = synthetic.SyntheticHumans(1000, size, domain=domain, with_depth=domain == "indoor")
+            n = 40 if size == 128 else 15
+            ds[0]
+            t0 = time.perf_counter()
+            for i in range(1, n + 1):
+                ds[i]
+            rows.append([f"{size}x{size}", domain, f"{n / (time.perf_counter() - t0):.1f}"])
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    table(rows, ["image", "domain", "samples/s (1 process, 1 thread)"])
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def bench_train():
+    """One pre-training step split into data, encoders (forward + backward) and the losses, for the CPU preset
+    (and HRNet-W18 / bf16 / batch 56 on a GPU)."""
+    import data
+    import train
+    from hcmoco import HCMoCo
+    preset = "paper" if DEVICE.type == "cuda" else "cpu"
+    cfg = train.resolve(train.Config(preset=preset, device=DEVICE.type,
+                                     batch_size=56 if DEVICE.type == "cuda" else 0, synthetic_samples=512))
+    dataset = train.build_dataset(cfg)
+    model = HCMoCo(train.model_config(cfg, 2, len(dataset))).to(DEVICE)
+    transform = data.PairedTransform(cfg.image_size)
+    t0 = time.perf_counter()
+    samples = [transform(dataset[i]) for i in range(cfg.batch_size)]
+    batch = train.to_device(data.collate(samples), DEVICE)
+    t_data = time.perf_counter() - t0
+    bf16 = DEVICE.type == "cuda"
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+
+    def full():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model(batch)
+        loss.backward()
+
+    def encoders_only():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = model.embed(batch)
+        sum(v.float().square().mean() for level in emb.values() for v in level.values()).backward()
+
+    iters = 3 if DEVICE.type == "cpu" else 10
+    t_full, t_enc = timeit(full, 1, iters), timeit(encoders_only, 1, iters)
+    t_loss = max(t_full - t_enc, 0.0)
+    rows = [["data (render + augment + collate, 1 process)", f"{t_data:.3f}", ""],
+            ["encoders + mappers, forward + backward", f"{t_enc:.3f}", f"{100 * t_enc / t_full:.0f} %"],
+            ["losses (Eq. 2, 3-5, 6), forward + backward", f"{t_loss:.3f}", f"{100 * t_loss / t_full:.0f} %"],
+            ["model step", f"{t_full:.3f}", f"{cfg.batch_size / t_full:.1f} samples/s"]]
+    print(f"preset {preset}: HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}, "
+          f"{'bf16' if bf16 else 'fp32'} on {DEVICE.type}")
+    table(rows, ["part", "seconds", "share of the model step"])
+
+
+SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}
 
 
 def main():
+    if sys.argv[1:2] == ["--peak"]:  # child process of peak_memory_mb (Linux: /proc/self)
+        fn = loss_cases()[sys.argv[2]][sys.argv[3]]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident size (VmHWM) to the current one
+        before = proc_status_kb("VmRSS")
+        fn()
+        print((proc_status_kb("VmHWM") - before) / 1024)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
@@ -41,7 +277,7 @@ def main():
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU only'}")
     for name in args.sections or SECTIONS:
         print(f"\n== {name} ==")
         SECTIONS[name]()
