@@ -488,9 +488,9 @@ class SyntheticHumans(torch.utils.data.Dataset):
 def flip_sample(sample):
     """Mirror a sample left-right: images flipped, keypoint x -> W - 1 - x with slots swapped by FLIP_JOINTS, part
     labels (and iuv's part channel) remapped by FLIP_PARTS, the u surface coordinate mirrored (u -> 1 - u on the
-    person), joints3d x negated and swapped, cx -> W - 1 - cx."""
+    person), joints3d x negated and swapped, cx -> W - 1 - cx. Works on samples that lack RGB or depth."""
     out = dict(sample)
-    W = sample["rgb"].shape[-1]
+    W = next(sample[k] for k in ("rgb", "depth", "parts", "mask") if k in sample).shape[-1]
     fj, fp = torch.tensor(FLIP_JOINTS), torch.tensor(FLIP_PARTS)
     for k in ("rgb", "depth", "mask"):
         if k in sample:

@@ -87,25 +87,27 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     assert report["missing"] == ["conv1.weight"]
 
 
-def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, monkeypatch):
-    """Every labelled batch the head trains on carries no depth: present False and zero-filled by collate."""
+@pytest.mark.parametrize("source,target", [("rgb", "depth"), ("depth", "rgb")])
+def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, monkeypatch, source, target):
+    """Every labelled batch the head trains on carries no target images: present False and zero-filled by collate."""
     seen = []
     forward = finetune.Versatile.forward
 
     def spy(self, batch, modalities):
         if self.training:
-            seen.append((batch["present"]["depth"].any().item(), batch["depth"].abs().sum().item(), modalities))
+            seen.append((batch["present"][target].any().item(), batch[target].abs().sum().item(), modalities))
         return forward(self, batch, modalities)
 
     monkeypatch.setattr(finetune.Versatile, "forward", spy)
-    m = finetune.main(["--task", "cross-modal", "--source", "rgb", "--target", "depth", "--init", str(checkpoint),
+    m = finetune.main(["--task", "cross-modal", "--source", source, "--target", target, "--init", str(checkpoint),
                        "--out", str(tmp_path), *TINY])
-    assert "depth_miou" in m and len(seen) == 3
-    assert all(s == (False, 0.0, ["rgb"]) for s in seen)
-    # without the LabelledView the labelled depth images would reach the head: the check above can fail
+    assert f"{target}_miou" in m and len(seen) == 3
+    assert all(s == (False, 0.0, [source]) for s in seen)
+    # without the LabelledView the labelled target images would reach the head: the check above can fail
     seen.clear()
     monkeypatch.setattr(finetune, "LabelledView", lambda ds, keep: ds)
-    finetune.main(["--task", "cross-modal", "--init", str(checkpoint), "--out", str(tmp_path / "m"), *TINY])
+    finetune.main(["--task", "cross-modal", "--source", source, "--target", target, "--init", str(checkpoint),
+                   "--out", str(tmp_path / "m"), *TINY])
     assert all(s[0] and s[1] > 0 for s in seen)
 
 

@@ -93,6 +93,10 @@ def test_flip_swaps_joints_and_parts_consistently(samples):
     assert torch.equal(f["iuv"][0].long(), f["parts"])
     for key in ("rgb", "depth", "parts", "iuv", "keypoints", "joints3d", "intrinsics"):
         assert torch.allclose(S.flip_sample(f)[key].float(), s[key].float()), key
+    # a sample whose RGB was removed (cross-modal depth -> RGB training) flips the same way
+    no_rgb = S.flip_sample({k: v for k, v in s.items() if k != "rgb"})
+    for key in ("depth", "parts", "keypoints", "intrinsics"):
+        assert torch.equal(no_rgb[key], f[key]), key
     # the mirror image of a frontal person is a frontal person: with labels remapped, right parts stay on the
     # image's left (pixels moved without remapping would put them on the right)
     r = S.render(dict(seed=[0, 0, 1], pose="standing", domain="indoor", yaw=0.0), SIZE)
