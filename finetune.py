@@ -318,7 +318,8 @@ def loader(dataset, cfg, train_mode, steps=None):
 
 # ----------------------------------------------------------------------------------------------- train, evaluate
 def run(cfg):
-    """Fine-tune and evaluate; writes cfg.out/metrics.json and returns the metrics."""
+    """Fine-tune and evaluate; writes cfg.out/metrics.json and cfg.out/model.pt (load_finetuned), returns the
+    metrics."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device.replace("auto", "cpu"))
     torch.manual_seed(cfg.seed)
@@ -357,10 +358,21 @@ def run(cfg):
     metrics = evaluate(model, test_set, cfg, device)
     metrics["train_images"] = len(keep)
     os.makedirs(cfg.out, exist_ok=True)
+    train.save_atomic(dict(model=model.state_dict(), config=asdict(cfg)), os.path.join(cfg.out, "model.pt"))
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(dict(metrics, config=asdict(cfg)), f, indent=1)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if k != "iou"}))
     return metrics
+
+
+def load_finetuned(out, map_location="cpu"):
+    """(model in eval mode, Config) of the run that wrote `out`/model.pt; its --init must still be readable,
+    because the backbone is rebuilt from it before the fine-tuned weights replace it."""
+    ckpt = torch.load(os.path.join(out, "model.pt"), map_location=map_location, weights_only=False)
+    cfg = Config(**ckpt["config"])
+    model = (Versatile if cfg.task in ("cross-modal", "missing-modal") else Finetuner)(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
 
 
 def train_loader_unlabelled(pairs, cfg):
@@ -409,7 +421,8 @@ def evaluate(model, test_set, cfg, device):
 
 # --------------------------------------------------------------------------------------------------- experiments
 def experiments(argv):
-    """The paper's comparisons on the synthetic benchmark, resumable: a run with a metrics.json is not redone.
+    """The paper's comparisons on the synthetic benchmark, resumable: a finished pre-training stage or a fine-tuning
+    run with a metrics.json is not redone.
     Pre-training: one stage 1 (= the CMC model), then four stage-2 runs, one per row of Table 3. Then
     scratch / CMC / HCMoCo on rgb- and depth-parsing at two label ratios, the Table-3 ladder on depth-parsing at
     the low ratio, cross-modal supervision both ways and missing-modality inference (Tables 6-7)."""
@@ -424,13 +437,14 @@ def experiments(argv):
     pre = os.path.join(args.out, "pretrain")
     rows = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}
     first = os.path.join(pre, "full")
-    train.main(["--stage", "1", "--out", first, "--workers", str(args.workers), *pre_steps, *tiny])
+    # --resume: a finished stage is not trained again, a killed one continues
+    train.main(["--stage", "1", "--out", first, "--workers", str(args.workers), "--resume", *pre_steps, *tiny])
     for name, targets in rows.items():
         out = os.path.join(pre, name)
         os.makedirs(out, exist_ok=True)
         if out != first and not os.path.exists(os.path.join(out, "stage1.pt")):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
-        train.main(["--stage", "2", "--targets", targets, "--out", out, "--workers", str(args.workers),
+        train.main(["--stage", "2", "--targets", targets, "--out", out, "--workers", str(args.workers), "--resume",
                     *pre_steps, *tiny])
     inits = {"scratch": "scratch", "CMC": os.path.join(first, "stage1.pt"),
              "HCMoCo": os.path.join(pre, "full", "stage2.pt")}

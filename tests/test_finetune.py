@@ -60,6 +60,10 @@ def test_each_head_trains_and_reports_its_metrics(task, tmp_path):
     assert keys <= set(m) and m["train_images"] == 8
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert all(abs(saved[k] - m[k]) < 1e-9 for k in keys if k != "iou")
+    # the saved model reproduces the metrics
+    model, cfg = finetune.load_finetuned(tmp_path)
+    again = finetune.evaluate(model, finetune.datasets(cfg)[1], cfg, torch.device("cpu"))
+    assert all(abs(again[k] - m[k]) < 1e-6 for k in keys if k != "iou")
 
 
 @pytest.fixture(scope="module")
