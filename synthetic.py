@@ -526,11 +526,11 @@ SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (4, 3), (5, 4), (6, 7), (7, 8), (8, 
 
 
 def contact_sheet(dataset, n, path):
-    """Rows of samples: RGB with keypoints and skeleton, depth, parts, iuv (part colour modulated by u, v)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n))
+    """Rows of samples: RGB with keypoints and skeleton, depth, parts, iuv (part colour modulated by u, v).
+    Drawn on a standalone Figure (no pyplot), so a notebook's backend and open figures are left alone."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 2 * n))
+    axes = fig.subplots(n, 4)
     axes = np.atleast_2d(axes)
     for row in range(n):
         s = dataset[row]
@@ -554,7 +554,6 @@ def contact_sheet(dataset, n, path):
                 a.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def main():

@@ -159,16 +159,15 @@ def read_log(out):
 
 def plot_log(out):
     """loss.png: the total loss and each term against the step, stage 2 after stage 1."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook calling train.main keeps its backend
     rows = read_log(out)
     if not rows:
         return
     offset = max((r["step"] for r in rows if r["stage"] == 1), default=-1) + 1
     x = [r["step"] + (offset if r["stage"] == 2 else 0) for r in rows]
     keys = [k for k in ("loss", "global", "dense", "sparse") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    fig = Figure(figsize=(4 * len(keys), 3))
+    axes = fig.subplots(1, len(keys))
     for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
         pts = [(xi, r[k]) for xi, r in zip(x, rows) if k in r]
         ax.plot(*zip(*pts), lw=1)
@@ -178,7 +177,6 @@ def plot_log(out):
             ax.axvline(offset, color="grey", ls="--", lw=0.8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=90)
-    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------------- training

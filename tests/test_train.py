@@ -108,3 +108,21 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["stage1.pt"]
     assert torch.load(tmp_path / "stage1.pt", weights_only=False)["step"] == 2
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """loss.png and the contact sheet are drawn without pyplot: a notebook that calls train.main keeps showing its
+    own figures inline afterwards."""
+    import matplotlib
+
+    import synthetic
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 0, "loss": 5.0, "global": 5.0}\n')
+        train.plot_log(str(tmp_path))
+        synthetic.contact_sheet(synthetic.SyntheticHumans(2, 48), 2, str(tmp_path / "sheet.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sheet.png").stat().st_size > 1000
+    finally:
+        matplotlib.use(before)
