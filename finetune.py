@@ -58,7 +58,8 @@ class Config:
     out: str = "runs/finetune"
     steps: int = 300
     batch_size: int = 16
-    lr: float = 0.01
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
     image_size: int = 96
     train_samples: int = 400
     test_samples: int = 100
@@ -337,7 +338,9 @@ def run(cfg):
         unlabelled = iter(train_loader_unlabelled(pairs, cfg))
     else:
         model = Finetuner(cfg).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    # AdamW rather than SGD: its step does not scale with the gradient, which under BatchNorm is ~1/||w|| and so
+    # differs a hundredfold between a scratch backbone (official init, std 0.001) and a pre-trained one (README)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     bar = tqdm(loader(train_set, cfg, True, cfg.steps), total=cfg.steps, desc=cfg.task, dynamic_ncols=True)
     for step, batch in enumerate(bar):
