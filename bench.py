@@ -55,9 +55,10 @@ def loss_inputs():
     dense = [torch.randn(B, N, DIM, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
     coords = (torch.rand(B, N, 2, generator=g) * 64).to(DEVICE)
     sparse = torch.randn(B, M, J, DIM, generator=g).to(DEVICE).requires_grad_()
+    keypoints = torch.randn(B, J, DIM, generator=g).to(DEVICE).requires_grad_()
     valid = (torch.rand(B, M, J, generator=g) > 0.1).to(DEVICE)
     present = {m: torch.ones(B, dtype=torch.bool, device=DEVICE) for m in MODS}
-    return feats, dense, coords, sparse, valid, present, torch.randperm(BANK, generator=g)[:B].to(DEVICE)
+    return feats, dense, coords, sparse, keypoints, valid, present, torch.randperm(BANK, generator=g)[:B].to(DEVICE)
 
 
 def published_global(bank, feats, index, present):
@@ -73,7 +74,7 @@ def published_global(bank, feats, index, present):
                 logits = torch.bmm(weight, F.normalize(feats[a], dim=-1)[:, :, None])[..., 0] / 0.07
                 total.append(F.cross_entropy(logits, torch.zeros(B, dtype=torch.long, device=DEVICE)))
     bank.update({m: F.normalize(f, dim=-1) for m, f in feats.items()}, index, present)
-    return sum(total) / len(total)
+    return sum(total)
 
 
 def published_dense(f1, f2, w):
@@ -81,48 +82,44 @@ def published_dense(f1, f2, w):
     f1, f2 = F.normalize(f1, dim=-1), F.normalize(f2, dim=-1)
     s12 = f1 @ f2.transpose(1, 2) / 0.07
     s21 = f2 @ f1.transpose(1, 2) / 0.07
-    return (-(w * s12.log_softmax(-1)).sum(-1).mean() - (w.transpose(1, 2) * s21.log_softmax(-1)).sum(-1).mean()) / 2
+    return -(w * s12.log_softmax(-1)).sum(-1).mean() - (w * s21.log_softmax(-1)).sum(-1).mean()
 
 
-def published_sparse(feats, valid):
-    """The positive/candidate index matrices built entry by entry in a Python loop."""
+def published_sparse(feats, keypoints, valid):
+    """The published structure (two joint-vs-keypoint cross-entropies with batched matrix products, and the
+    cross-sample term with its positive-index matrix built joint by joint in a Python loop)."""
+    f = F.normalize(feats, dim=-1)  # [B, M, J, D]
+    g = F.normalize(keypoints, dim=-1)  # [B, J, D]
+    target = torch.arange(J, device=DEVICE).expand(B, J).masked_fill(~valid[:, 0], -100)
+    intra = sum(F.cross_entropy(g @ f[:, m].transpose(1, 2) / 0.07, target.masked_fill(~valid[:, m], -100))
+                for m in range(M))
     E = B * M * J
-    f = F.normalize(feats.reshape(E, DIM), dim=-1)
-    v = valid.reshape(E)
-    joint = torch.arange(J, device=DEVICE).repeat(B * M)
-    pos = torch.zeros(E, E, dtype=torch.bool, device=DEVICE)
-    cand = torch.zeros(E, E, dtype=torch.bool, device=DEVICE)
-    for i in range(E):
-        cand[i] = v & v[i]
-        cand[i, i] = False
-        pos[i] = cand[i] & (joint == joint[i])
-    logits = (f @ f.T / 0.07).masked_fill(~cand, float("-inf"))
-    logp = logits.log_softmax(-1).masked_fill(~pos, 0)
-    n = pos.sum(-1)
-    return -(logp.sum(-1)[n > 0] / n[n > 0]).mean()
-
-
-def ours_dense(f1, f2, w):
-    """Both directions from one similarity matrix, as hcmoco.py computes them."""
-    s = F.normalize(f1, dim=-1) @ F.normalize(f2, dim=-1).transpose(1, 2) / 0.07
-    return (losses.soft_cross_entropy(s, w) + losses.soft_cross_entropy(s.transpose(1, 2), w.transpose(1, 2))) / 2
+    cat = f.transpose(0, 1).reshape(E, DIM)  # all RGB joints, then all depth joints
+    logp = (cat @ cat.T / 0.07).log_softmax(-1)
+    pos = torch.zeros(J, E, dtype=torch.int32, device=DEVICE)
+    for j in range(J):
+        pos[j, j::J] = 1
+    pos = pos.repeat(M * B, 1)
+    pos.fill_diagonal_(0)
+    n = pos.sum(-1).clamp(min=1)
+    return intra - ((logp * pos).sum(-1) / n).mean()
 
 
 def loss_cases():
     """name -> (fn running one forward + backward of that case)."""
-    feats, dense, coords, sparse, valid, present, index = loss_inputs()
+    feats, dense, coords, sparse, keypoints, valid, present, index = loss_inputs()
     bank = losses.MemoryBank(BANK, DIM, MODS, K).to(DEVICE)
     w = losses.soft_weights(coords)
 
     def ours():
         return {"global": lambda: bank(feats, index, present).backward(),
-                "dense": lambda: ours_dense(*dense, w).backward(),
-                "sparse": lambda: losses.sparse_structure_loss(sparse, valid).backward()}
+                "dense": lambda: losses.bidirectional_dense_loss(*dense, w).backward(),
+                "sparse": lambda: losses.sparse_structure_loss(sparse, keypoints, valid).backward()}
 
     def published():
         return {"global": lambda: published_global(bank, feats, index, present).backward(),
                 "dense": lambda: published_dense(*dense, w).backward(),
-                "sparse": lambda: published_sparse(sparse, valid).backward()}
+                "sparse": lambda: published_sparse(sparse, keypoints, valid).backward()}
 
     return {"ours": ours(), "published": published()}
 
@@ -227,9 +224,8 @@ def bench_train():
                                      batch_size=56 if DEVICE.type == "cuda" else 0, synthetic_samples=512))
     dataset = train.build_dataset(cfg)
     model = HCMoCo(train.model_config(cfg, 2, len(dataset))).to(DEVICE)
-    transform = data.PairedTransform(cfg.image_size)
     t0 = time.perf_counter()
-    samples = [transform(dataset[i]) for i in range(cfg.batch_size)]
+    samples = [dataset[(i, i)] for i in range(cfg.batch_size)]
     batch = train.to_device(data.collate(samples), DEVICE)
     t_data = time.perf_counter() - t0
     bf16 = DEVICE.type == "cuda"

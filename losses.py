@@ -1,10 +1,15 @@
 """HCMoCo's contrastive objectives (Hong et al., CVPR 2022), one function per equation.
 
     Eq. 2  sample-level, across modalities, against a momentum memory bank ...... MemoryBank
-    Eq. 3  dense intra-sample, soft targets ...................................... dense_contrastive_loss
+    Eq. 3  dense intra-sample, soft targets, one direction ....................... dense_contrastive_loss
     Eq. 4  the soft targets: weights that decay with pixel distance ............... soft_weights
-    Eq. 5  Eq. 3 summed over both directions and modality pairs ................... the caller (hcmoco.py)
-    Eq. 6  sparse structure-aware, joints within and across samples ............... sparse_structure_loss
+    Eq. 5  Eq. 3 in both directions of a modality pair ........................... bidirectional_dense_loss
+    Eq. 6  sparse structure-aware: joints within samples + across samples ......... sparse_structure_loss
+           (= joint_keypoint_loss + cross_sample_joint_loss)
+
+Each term is the published trainer's SUM of its cross-entropies (Eq. 2: one per ordered modality pair; Eq. 5: one
+per direction; Eq. 6: one per image modality within samples plus one across samples), so Eq. 1 with all
+lambdas 1 weights them as published.
 
 Every function L2-normalises its features, computes in at least float32 (half-precision inputs from bf16/fp16
 autocast are upcast: logits of magnitude 1/tau = 14 lose too much precision in bf16) and uses log-softmax,
@@ -21,67 +26,105 @@ def _full(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def soft_weights(coords):
+def soft_weights(coords, candidates=None):
     """Eq. 4: soft targets for the dense loss from the pixel coordinates of the sampled points.
 
-        w_ij = exp(-||c_i - c_j||) / sum_k exp(-||c_i - c_k||)
+        w_ij = exp(-||c_i - c_j||) / sum_{k in C(i)} exp(-||c_i - c_k||)    for j in C(i), 0 otherwise
 
     The paper prints exp(+||c_i - c_j||), which would favour the farthest pixels; the intended weighting, and
     the one the published code computes, decays with distance, so the point itself (distance 0) gets the
     largest weight and neighbours share the rest. Distances are in the units of `coords`.
 
-    coords: [B, N, 2] pixel coordinates -> W: [B, N, N], rows summing to 1.
+    coords: [B, N, 2] pixel coordinates; candidates: [B, N, N] bool, C(i) = {j: candidates[b, i, j]} (default:
+    every point) -> W: [B, N, N], rows summing to 1 over the candidates.
     """
     d = torch.cdist(_full(coords), _full(coords))  # [B, N, N]
+    if candidates is not None:
+        d = d.masked_fill(~candidates, float("inf"))
     return torch.softmax(-d, dim=-1)
 
 
-def dense_contrastive_loss(f1, f2, weights, tau=0.07):
-    """Eq. 3: dense intra-sample contrast with soft targets, from modality 1 to modality 2.
+def soft_cross_entropy(logits, weights, candidates=None):
+    """-1/(B N) sum_{b,i} sum_{j in C(i)} w_bij log softmax_{j in C(i)}(logits_bi)   (Eq. 3's sum), for logits,
+    weights [B, N, N]; candidates [B, N, N] bool restricts each anchor i's softmax to C(i) (default: all)."""
+    log_p = _full(logits)
+    if candidates is not None:
+        log_p = log_p.masked_fill(~candidates, float("-inf"))
+    log_p = log_p.log_softmax(dim=-1)
+    if candidates is not None:
+        log_p = log_p.masked_fill(~candidates, 0.0)  # 0 * -inf would be nan
+    return -(weights * log_p).sum(dim=-1).mean()
+
+
+def dense_contrastive_loss(f1, f2, weights, tau=0.07, candidates=None):
+    """Eq. 3: dense intra-sample contrast with soft targets, from modality 1 (anchors) to modality 2 (candidates).
 
         L(1->2) = -1/(B N) sum_b sum_i sum_j w_ij log( exp(<f1_i, f2_j>/tau) / sum_k exp(<f1_i, f2_k>/tau) )
 
-    f1, f2: [B, N, C] embeddings of the same N pixels in two pixel-aligned modalities; weights: [B, N, N] with
-    rows summing to 1 (soft_weights, or the identity for the "hard" InfoNCE ablation).
-
-    Eq. 5 adds the other direction. Both come from ONE similarity matrix S = f1 f2^T: L(1->2) normalises the rows
-    of S, L(2->1) its columns, so the reverse direction is `dense_contrastive_loss(f2, f1, weights^T)`, or, sharing
-    S, `dense_contrastive_loss_from_logits(S.transpose(1, 2), weights^T)`.
+    f1, f2: [B, N, C] embeddings of the same N pixels in two pixel-aligned modalities; weights: [B, N, N],
+    weights[b, i, j] the target of anchor i over candidate j, rows summing to 1 (soft_weights, or the identity for
+    the "hard" InfoNCE ablation); candidates: see soft_cross_entropy.
     """
     f1 = F.normalize(_full(f1), dim=-1)
     f2 = F.normalize(_full(f2), dim=-1)
     logits = f1 @ f2.transpose(1, 2) / tau  # [B, N, N] logits[b, i, j] = <f1_i, f2_j> / tau
-    return soft_cross_entropy(logits, weights)
+    return soft_cross_entropy(logits, weights, candidates)
 
 
-def soft_cross_entropy(logits, weights):
-    """-1/(B N) sum_{b,i,j} w_bij log softmax_j(logits_bi)   for logits, weights [B, N, N] (Eq. 3's sum)."""
-    return -(weights * _full(logits).log_softmax(dim=-1)).sum(dim=-1).mean()
+def bidirectional_dense_loss(f1, f2, weights, tau=0.07, candidates=None):
+    """Eq. 5 for one modality pair: Eq. 3 in both directions, L(1->2) + L(2->1), from one similarity matrix.
+
+        S = f1 f2^T / tau                     [B, N, N], S[b, i, j] = <f1_i, f2_j> / tau
+        L(1->2) = soft cross-entropy of the rows of S   against weights
+        L(2->1) = soft cross-entropy of the rows of S^T against weights
+
+    Both modalities are sampled at the same N points, so weights[b, i, j], the target of anchor i over candidate j,
+    serves both directions: a depth anchor i's targets over the RGB candidates come from its own distances to
+    them, exactly as an RGB anchor i's do (W = soft_weights(coords) is symmetric only before its rows are
+    normalised, so the reverse direction takes W, not W^T). `candidates` must be symmetric for the same reason.
+    f1, f2: [B, N, C], weights: [B, N, N] -> scalar.
+    """
+    f1 = F.normalize(_full(f1), dim=-1)
+    f2 = F.normalize(_full(f2), dim=-1)
+    s = f1 @ f2.transpose(1, 2) / tau  # [B, N, N]
+    return soft_cross_entropy(s, weights, candidates) + soft_cross_entropy(s.transpose(1, 2), weights, candidates)
 
 
-def sparse_structure_loss(feats, valid, tau=0.07, inter_sample=True):
-    """Eq. 6: sparse structure-aware contrast between joint embeddings.
+def joint_keypoint_loss(joints, keypoints, valid, tau=0.07):
+    """Eq. 6, intra-sample part: every image joint feature picks its own joint among the keypoint-GCN joint
+    features of the same sample. For image modality m, anchors a = (b, j) with valid[b, m, j],
+        L_m = mean_a -log( exp(<f_bmj, g_bj>/tau) / sum_{k=1..J} exp(<f_bmj, g_bk>/tau) )
+    joints [B, M, J, C] (e.g. RGB and depth pooled at the joints), keypoints [B, J, C] (GCN), valid [B, M, J] bool
+    (modality and keypoints present, joint visible) -> sum_m L_m; a modality without anchors adds 0.
+    """
+    B, M, J, C = joints.shape
+    f = F.normalize(_full(joints), dim=-1)
+    g = F.normalize(_full(keypoints), dim=-1)
+    logits = torch.einsum("bmjc,bkc->bmjk", f, g) / tau  # [B, M, J, J]: anchor joint j, candidate GCN joint k
+    nll = -logits.log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)  # [B, M, J]
+    per_modality = (nll * valid).sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp(min=1)  # [M]
+    return per_modality.sum()
 
-    Entries a = (b, m, j): sample b, sparse representation m (e.g. RGB pooled at the joints, depth pooled at the
-    joints, keypoint GCN), joint j. For every valid anchor a,
-        C(a) = valid entries other than a            (restricted to sample b when inter_sample=False)
-        P(a) = entries of C(a) with the same joint j  (the same joint in other modalities / other people)
+
+def cross_sample_joint_loss(joints, valid, tau=0.07):
+    """Eq. 6, inter-sample part: joint features of all samples and image modalities; the same joint is positive.
+
+    Entries a = (b, m, j): sample b, image modality m, joint j. For every valid anchor a,
+        C(a) = valid entries other than a
+        P(a) = entries of C(a) with the same joint j  (the same joint in the other modality and in other people)
         L = mean_{a: |P(a)| > 0}  -1/|P(a)| sum_{p in P(a)} log( exp(s_ap/tau) / sum_{c in C(a)} exp(s_ac/tau) )
     with s the cosine similarity. The published code keeps the anchor itself in its denominator; this follows
     the supervised-contrastive form (Khosla et al., 2020) and leaves it out.
 
-    feats: [B, M, J, C], valid: [B, M, J] bool -> scalar. Invalid entries take no part and get zero gradient.
+    joints: [B, M, J, C], valid: [B, M, J] bool -> scalar. Invalid entries take no part and get zero gradient.
     """
-    B, M, J, C = feats.shape
-    f = F.normalize(_full(feats).reshape(B * M * J, C), dim=-1)  # [E, C]
+    B, M, J, C = joints.shape
+    f = F.normalize(_full(joints).reshape(B * M * J, C), dim=-1)  # [E, C]
     valid = valid.reshape(-1)  # [E]
-    sample = torch.arange(B, device=f.device).repeat_interleave(M * J)  # [E]
     joint = torch.arange(J, device=f.device).repeat(B * M)  # [E]
 
     candidate = valid[:, None] & valid[None, :]  # [E, E]
     candidate &= ~torch.eye(len(f), dtype=torch.bool, device=f.device)
-    if not inter_sample:
-        candidate &= sample[:, None] == sample[None, :]
     positive = candidate & (joint[:, None] == joint[None, :])  # [E, E]
 
     logits = (f @ f.T / tau).masked_fill(~candidate, float("-inf"))  # [E, E]
@@ -89,8 +132,21 @@ def sparse_structure_loss(feats, valid, tau=0.07, inter_sample=True):
     n_pos = positive.sum(dim=-1)  # [E]
     anchor = n_pos > 0
     if not anchor.any():
-        return feats.sum() * 0.0
+        return joints.sum() * 0.0
     return -(log_prob.sum(dim=-1)[anchor] / n_pos[anchor]).mean()
+
+
+def sparse_structure_loss(joints, keypoints, valid, tau=0.07):
+    """Eq. 6, sparse structure-aware contrast, in the published structure: the intra-sample part (each RGB and each
+    depth joint feature against the sample's keypoint-GCN joints, joint_keypoint_loss) plus the inter-sample part
+    (RGB and depth joint features across the batch, the same joint positive, cross_sample_joint_loss):
+
+        L_sparse = L_intra(RGB) + L_intra(depth) + L_inter
+
+    joints [B, M, J, C] image joint features, keypoints [B, J, C] GCN joint features, valid [B, M, J] bool (image
+    modality present, 2D joint visible; so the sample's keypoints, and its GCN features, exist) -> scalar.
+    """
+    return joint_keypoint_loss(joints, keypoints, valid, tau) + cross_sample_joint_loss(joints, valid, tau)
 
 
 class MemoryBank(nn.Module):
@@ -99,8 +155,10 @@ class MemoryBank(nn.Module):
     One L2-normalised table per modality, bank_m: [size, dim], indexed by the dataset-wide sample id. For an
     ordered pair of distinct modalities (a, b) and a sample i with both present,
         L_i(a->b) = -log( exp(<f_a_i, v_b_i>/tau) / (exp(<f_a_i, v_b_i>/tau) + sum_{k in K} exp(<f_a_i, v_b_k>/tau)) )
-    with v_b_i = bank_b[i] the positive and K = num_negatives ids drawn uniformly from the bank. The loss is the
-    mean over pairs and rows. Then, without gradient, for every present row
+    with v_b_i = bank_b[i] the positive and K = num_negatives ids drawn uniformly from the bank. As in the
+    published trainer, the loss is the SUM over ordered pairs of each pair's mean over its rows,
+        L_global = sum_{a != b} mean_{i: a, b present} L_i(a->b)        (six pairs for RGB, depth, keypoints),
+    so its chance level is (number of pairs) x ln(K + 1). Then, without gradient, for every present row
         bank_m[i] <- normalize(momentum * bank_m[i] + (1 - momentum) * f_m_i).
 
     Negatives are drawn once per call and target modality and shared by every row of the batch, so the
@@ -129,7 +187,7 @@ class MemoryBank(nn.Module):
         """feats {modality: [B, dim]}, index [B] long, present {modality: [B] bool} -> scalar loss."""
         dtype = self.memory(self.modalities[0]).dtype  # float32 unless the bank was cast
         feats = {m: F.normalize(f.to(dtype), dim=-1) for m, f in feats.items()}
-        losses = []
+        loss = 0.0
         for b in self.modalities:
             bank = self.memory(b)
             if self.num_negatives >= self.size:
@@ -140,15 +198,14 @@ class MemoryBank(nn.Module):
             for a in self.modalities:
                 if a == b:
                     continue
-                rows = present[a] & present[b]  # [B]
+                rows = (present[a] & present[b]).to(dtype)  # [B]
                 l_pos = (feats[a] * positive).sum(-1, keepdim=True)  # [B, 1]
                 l_neg = feats[a] @ negatives.T  # [B, K]
                 logits = torch.cat([l_pos, l_neg], dim=1) / self.tau  # [B, 1 + K], target 0
                 nll = -logits.log_softmax(dim=-1)[:, 0]  # [B]
-                losses.append(nll[rows])
+                loss = loss + (nll * rows).sum() / rows.sum().clamp(min=1)
         self.update(feats, index, present)
-        loss = torch.cat(losses)
-        return loss.mean() if len(loss) else sum(f.sum() for f in feats.values()) * 0.0
+        return loss
 
     @torch.no_grad()
     def update(self, feats, index, present):

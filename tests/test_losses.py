@@ -66,22 +66,79 @@ def test_dense_loss_matches_brute_force_sum():
     assert abs(float(got) - total / (B * N)) < 1e-9
 
 
-def test_reverse_direction_from_the_same_similarity_matrix():
-    f1, f2 = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
-    w = losses.soft_weights(torch.rand(2, 5, 2))
-    s = unit(f1) @ unit(f2).transpose(1, 2) / 0.07
-    torch.testing.assert_close(losses.soft_cross_entropy(s.transpose(1, 2), w.transpose(1, 2)),
-                               losses.dense_contrastive_loss(f2, f1, w.transpose(1, 2)))
+def dense_double_loop(f1, f2, coords, tau, candidates=None, hard=False):
+    """Eq. 5 written out: both directions, and every anchor's targets over the other modality's candidates come from
+    ITS OWN distances to them (a soft-max over candidates of -distance), whichever modality the anchor is in."""
+    B, N, _ = f1.shape
+    u1, u2 = unit(f1.double()), unit(f2.double())
+    ok = (lambda b, i, j: True) if candidates is None else (lambda b, i, j: bool(candidates[b, i, j]))  # noqa: E731
+    total = 0.0
+    for anchors, others in ((u1, u2), (u2, u1)):
+        for b in range(B):
+            for i in range(N):
+                cands = [j for j in range(N) if ok(b, i, j)]
+                dist = {j: float((coords[b, i] - coords[b, j]).norm()) for j in cands}
+                if hard:
+                    target = {j: float(j == i) for j in cands}
+                else:
+                    z = sum(math.exp(-dist[k]) for k in cands)
+                    target = {j: math.exp(-dist[j]) / z for j in cands}
+                log_den = math.log(sum(math.exp(float(anchors[b, i] @ others[b, k]) / tau) for k in cands))
+                total -= sum(target[j] * (float(anchors[b, i] @ others[b, j]) / tau - log_den) for j in cands)
+    return total / (B * N)
+
+
+def test_bidirectional_dense_loss_matches_the_double_loop_with_each_anchors_own_targets():
+    """Fails if the reverse direction takes W^T: a depth anchor's targets are row j of W, not column j (rows of W^T
+    do not even sum to 1)."""
+    B, N, C, tau = 2, 6, 4, 0.1
+    f1, f2 = torch.randn(B, N, C, dtype=torch.float64), torch.randn(B, N, C, dtype=torch.float64)
+    coords = torch.rand(B, N, 2, dtype=torch.float64) * torch.tensor([1.0, 6.0], dtype=torch.float64)  # uneven
+    w = losses.soft_weights(coords)
+    assert not torch.allclose(w.transpose(1, 2).sum(-1), torch.ones(B, N, dtype=torch.float64))
+    got = losses.bidirectional_dense_loss(f1, f2, w, tau=tau)
+    assert abs(float(got) - dense_double_loop(f1, f2, coords, tau)) < 1e-9
+    # = Eq. 3 in each direction with the same weights
+    torch.testing.assert_close(got, losses.dense_contrastive_loss(f1, f2, w, tau) + losses.dense_contrastive_loss(
+        f2, f1, w, tau))
+
+
+def test_repeated_points_are_one_candidate_and_the_hard_row_stays_infonce():
+    """Points drawn with replacement: an anchor's other copies of its own point leave its softmax. With identity
+    weights the loss is then exactly InfoNCE over the distinct points, in both directions."""
+    B, N, C, tau = 1, 7, 5, 0.2
+    cell = torch.tensor([[0, 3, 3, 5, 0, 8, 2]])  # points 1, 2 and 0, 4 are the same cells
+    coords = torch.stack([cell % 4, cell // 4], -1).double()
+    candidates = (cell[:, :, None] != cell[:, None, :]) | torch.eye(N, dtype=torch.bool)
+    f1, f2 = torch.randn(B, N, C, dtype=torch.float64), torch.randn(B, N, C, dtype=torch.float64)
+    soft = losses.bidirectional_dense_loss(f1, f2, losses.soft_weights(coords, candidates), tau, candidates)
+    assert abs(float(soft) - dense_double_loop(f1, f2, coords, tau, candidates)) < 1e-9
+    eye = torch.eye(N, dtype=torch.float64)[None]
+    hard = losses.bidirectional_dense_loss(f1, f2, eye, tau, candidates)
+    assert abs(float(hard) - dense_double_loop(f1, f2, coords, tau, candidates, hard=True)) < 1e-9
+    # InfoNCE by hand for anchor 1 (cell 3): its candidates are every point but point 2, the other copy of cell 3
+    s = unit(f1[0]) @ unit(f2[0]).T / tau
+    keep = [0, 1, 3, 4, 5, 6]
+    one = float(F.cross_entropy(s[1, keep][None], torch.tensor([1])))
+    w = losses.soft_weights(coords, candidates)
+    assert w[0, 1, 2] == 0 and abs(float(w[0, 1].sum()) - 1) < 1e-12
+    total = sum(float(F.cross_entropy(s[i, [j for j in range(N) if candidates[0, i, j]]][None],
+                                      torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
+                for i in range(N))
+    total += sum(float(F.cross_entropy(s.T[i, [j for j in range(N) if candidates[0, i, j]]][None],
+                                       torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
+                 for i in range(N))
+    assert abs(float(hard) - total / N) < 1e-9 and one > 0
 
 
 # ---------------------------------------------------------------- Eq. 6
-def sparse_brute_force(feats, valid, tau, inter_sample):
+def cross_sample_brute_force(feats, valid, tau):
     B, M, J, _ = feats.shape
     f = unit(feats.double())
     entries = [(b, m, j) for b in range(B) for m in range(M) for j in range(J) if valid[b, m, j]]
     terms = []
     for a in entries:
-        cands = [c for c in entries if c != a and (inter_sample or c[0] == a[0])]
+        cands = [c for c in entries if c != a]
         pos = [c for c in cands if c[2] == a[2]]
         if not pos:
             continue
@@ -91,75 +148,101 @@ def sparse_brute_force(feats, valid, tau, inter_sample):
     return sum(terms) / len(terms)
 
 
-@pytest.mark.parametrize("inter_sample", [True, False])
-def test_sparse_loss_matches_brute_force(inter_sample):
+def joint_keypoint_brute_force(feats, keypoints, valid, tau):
+    """For each image modality: the mean over valid (sample, joint) anchors of -log softmax over that sample's J
+    keypoint-GCN joints, at the anchor's own joint; summed over modalities."""
+    B, M, J, _ = feats.shape
+    f, g = unit(feats.double()), unit(keypoints.double())
+    total = 0.0
+    for m in range(M):
+        nll = []
+        for b in range(B):
+            for j in range(J):
+                if valid[b, m, j]:
+                    logits = [float(f[b, m, j] @ g[b, k]) / tau for k in range(J)]
+                    nll.append(-(logits[j] - math.log(sum(math.exp(x) for x in logits))))
+        total += sum(nll) / len(nll) if nll else 0.0
+    return total
+
+
+def test_sparse_loss_is_the_published_intra_plus_inter_structure():
+    """Eq. 6 as published: RGB joints vs the sample's GCN joints + depth joints vs the sample's GCN joints + RGB and
+    depth joints across the batch. The old pooled form (GCN joints among the inter-sample entries) differs."""
     feats = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    keypoints = torch.randn(3, 4, 5, dtype=torch.float64)
     valid = torch.rand(3, 2, 4) > 0.25
-    got = losses.sparse_structure_loss(feats, valid, tau=0.2, inter_sample=inter_sample)
-    assert abs(float(got) - sparse_brute_force(feats, valid, 0.2, inter_sample)) < 1e-9
+    valid[2, 1] = False  # a sample without depth
+    want = joint_keypoint_brute_force(feats, keypoints, valid, 0.2) + cross_sample_brute_force(feats, valid, 0.2)
+    got = losses.sparse_structure_loss(feats, keypoints, valid, tau=0.2)
+    assert abs(float(got) - want) < 1e-9
+    assert abs(float(losses.joint_keypoint_loss(feats, keypoints, valid, 0.2))
+               - joint_keypoint_brute_force(feats, keypoints, valid, 0.2)) < 1e-9
+    assert abs(float(losses.cross_sample_joint_loss(feats, valid, 0.2)) - cross_sample_brute_force(feats, valid, 0.2)) < 1e-9
 
 
-def test_sparse_intra_sample_ignores_other_samples():
-    feats = torch.randn(2, 3, 5, 8)
-    valid = torch.ones(2, 3, 5, dtype=torch.bool)
-    ref = losses.sparse_structure_loss(feats, valid, inter_sample=False)
-    changed = feats.clone()
-    changed[1] = torch.randn(3, 5, 8)
-    # sample 0's anchors are untouched, sample 1's change: compare sample 0 alone
-    only0 = losses.sparse_structure_loss(feats[:1], valid[:1], inter_sample=False)
-    only0_changed = losses.sparse_structure_loss(changed[:1], valid[:1], inter_sample=False)
-    torch.testing.assert_close(only0, only0_changed)
-    # and the batched loss is the mean of per-sample losses (equal anchor counts)
-    per = torch.stack([losses.sparse_structure_loss(feats[b:b + 1], valid[b:b + 1], inter_sample=False)
-                       for b in range(2)])
-    torch.testing.assert_close(ref, per.mean())
-    assert not torch.allclose(losses.sparse_structure_loss(changed, valid, inter_sample=True),
-                              losses.sparse_structure_loss(feats, valid, inter_sample=True))
+def test_joint_keypoint_part_compares_within_each_sample_only():
+    feats, keypoints = torch.randn(2, 2, 5, 8), torch.randn(2, 5, 8)
+    valid = torch.ones(2, 2, 5, dtype=torch.bool)
+    changed = keypoints.clone()
+    changed[1] = torch.randn(5, 8)
+    only0 = losses.joint_keypoint_loss(feats[:1], keypoints[:1], valid[:1])
+    torch.testing.assert_close(only0, losses.joint_keypoint_loss(feats[:1], changed[:1], valid[:1]))
+    per = torch.stack([losses.joint_keypoint_loss(feats[b:b + 1], keypoints[b:b + 1], valid[b:b + 1]) for b in range(2)])
+    torch.testing.assert_close(losses.joint_keypoint_loss(feats, keypoints, valid), per.mean())
 
 
 def test_sparse_invalid_entries_have_no_influence_and_zero_grad():
     feats = torch.randn(2, 3, 4, 6, requires_grad=True)
+    keypoints = torch.randn(2, 4, 6)
     valid = torch.rand(2, 3, 4) > 0.3
     valid[0, 0, 0] = False
-    loss = losses.sparse_structure_loss(feats, valid)
+    loss = losses.sparse_structure_loss(feats, keypoints, valid)
     loss.backward()
     assert torch.all(feats.grad[~valid] == 0)
     garbage = feats.detach().clone()
     garbage[~valid] = torch.randn(int((~valid).sum()), 6) * 100
-    torch.testing.assert_close(losses.sparse_structure_loss(garbage, valid), loss.detach())
+    torch.testing.assert_close(losses.sparse_structure_loss(garbage, keypoints, valid), loss.detach())
 
 
-def test_sparse_no_positive_returns_zero_with_grad():
+def test_sparse_no_anchor_returns_zero_with_grad():
     feats = torch.randn(2, 2, 3, 4, requires_grad=True)
+    keypoints = torch.randn(2, 3, 4, requires_grad=True)
     valid = torch.zeros(2, 2, 3, dtype=torch.bool)
-    valid[0, 0, 1] = True  # a lone entry: no candidate shares its joint
-    loss = losses.sparse_structure_loss(feats, valid)
+    loss = losses.sparse_structure_loss(feats, keypoints, valid)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.isfinite(feats.grad).all()
 
 
 # ---------------------------------------------------------------- Eq. 2
-def test_memory_bank_matches_brute_force_with_whole_bank_as_negatives():
+def test_memory_bank_sums_the_ordered_pairs_as_published():
+    """L_global = sum over the six ordered pairs of each pair's mean over its rows (the published trainer sums six
+    cross-entropies), checked by hand with the whole bank as negatives and pairs of different row counts."""
     torch.manual_seed(1)
-    size, dim, tau = 6, 4, 0.5
-    bank = losses.MemoryBank(size, dim, ["rgb", "depth"], num_negatives=size, momentum=0.5, tau=tau).double()
-    mem = {m: bank.memory(m).clone() for m in ["rgb", "depth"]}
-    feats = {m: torch.randn(3, dim, dtype=torch.float64, requires_grad=True) for m in ["rgb", "depth"]}
+    size, dim, tau, mods = 6, 4, 0.5, ["rgb", "depth", "keypoints"]
+    bank = losses.MemoryBank(size, dim, mods, num_negatives=size, momentum=0.5, tau=tau).double()
+    mem = {m: bank.memory(m).clone() for m in mods}
+    feats = {m: torch.randn(3, dim, dtype=torch.float64, requires_grad=True) for m in mods}
     index = torch.tensor([4, 0, 2])
-    present = {"rgb": torch.tensor([True, True, True]), "depth": torch.tensor([True, False, True])}
+    present = {"rgb": torch.tensor([True, True, True]), "depth": torch.tensor([True, False, True]),
+               "keypoints": torch.tensor([True, True, True])}
     got = bank(feats, index, present)
     got.backward()  # the update after the loss must not invalidate what backward needs
-    terms = []
-    for a, b in [("rgb", "depth"), ("depth", "rgb")]:
-        for r in range(3):
-            if not (present[a][r] and present[b][r]):
+    want = 0.0
+    for a in mods:
+        for b in mods:
+            if a == b:
                 continue
-            q = unit(feats[a][r].detach())
-            pos = math.exp(float(q @ mem[b][index[r]]) / tau)
-            neg = sum(math.exp(float(q @ mem[b][k]) / tau) for k in range(size))
-            terms.append(-math.log(pos / (pos + neg)))
-    assert abs(got.item() - sum(terms) / len(terms)) < 1e-9
+            terms = []
+            for r in range(3):
+                if not (present[a][r] and present[b][r]):
+                    continue
+                q = unit(feats[a][r].detach())
+                pos = math.exp(float(q @ mem[b][index[r]]) / tau)
+                neg = sum(math.exp(float(q @ mem[b][k]) / tau) for k in range(size))
+                terms.append(-math.log(pos / (pos + neg)))
+            want += sum(terms) / len(terms)
+    assert abs(got.item() - want) < 1e-9
 
 
 def test_memory_bank_momentum_update_is_exact_and_skips_absent_rows():
@@ -209,9 +292,11 @@ def test_gradcheck_dense_and_sparse():
     w = losses.soft_weights(torch.rand(1, 3, 2, dtype=torch.float64))
     assert torch.autograd.gradcheck(lambda a, b: losses.dense_contrastive_loss(a, b, w, tau=0.5), (f1, f2))
     feats = torch.randn(2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    keypoints = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
     valid = torch.ones(2, 2, 2, dtype=torch.bool)
     valid[1, 1, 0] = False
-    assert torch.autograd.gradcheck(lambda f: losses.sparse_structure_loss(f, valid, tau=0.5), (feats,))
+    assert torch.autograd.gradcheck(lambda f, k: losses.sparse_structure_loss(f, k, valid, tau=0.5), (feats, keypoints))
+    assert torch.autograd.gradcheck(lambda a, b: losses.bidirectional_dense_loss(a, b, w, tau=0.5), (f1, f2))
 
 
 def test_finite_under_bf16_autocast():
@@ -222,8 +307,8 @@ def test_finite_under_bf16_autocast():
         f1, f2 = lin(x), lin(x.flip(1))
         assert f1.dtype == torch.bfloat16
         w = losses.soft_weights(torch.rand(2, 50, 2) * 64)
-        loss = (losses.dense_contrastive_loss(f1, f2, w)
-                + losses.sparse_structure_loss(f1.view(2, 2, 25, 8), torch.ones(2, 2, 25, dtype=torch.bool))
+        loss = (losses.bidirectional_dense_loss(f1, f2, w)
+                + losses.sparse_structure_loss(f1.view(2, 2, 25, 8), f2[:, :25], torch.ones(2, 2, 25, dtype=torch.bool))
                 + bank({"rgb": f1[:, 0], "depth": f2[:, 0]}, torch.arange(2),
                        {m: torch.ones(2, dtype=torch.bool) for m in ["rgb", "depth"]}))
     loss.backward()
