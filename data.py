@@ -8,8 +8,10 @@ Every reader returns the sample dict of DESIGN.md, keypoints in the MPII-16 orde
 A modality a dataset lacks is left out of its items (present[...] = False); `collate` zero-fills it.
 
 Depth stays in metres all the way into the batch. The person-centred normalisation the depth encoder expects
-(HCMoCo subtracts the person's depth and rescales) happens at the model input, `hcmoco.depth_input`, so that
-augmentation, point clouds and 3D-pose labels all see metric depth.
+(the published loader subtracts the mean depth of the person and zeroes everything else) happens at the model
+input, `hcmoco.depth_input(depth, mask)`, so that augmentation, point clouds and 3D-pose labels all see metric
+depth. Every reader with depth therefore supplies the person `mask` (synthetic: the rendered silhouette; NTU
+RGB+D: the non-zero pixels of its masked depth maps; parsing sets: the labelled pixels; ITOP: its segmentation).
 
 Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton). Downstream: Human36MParts, NTURGBDParsing, ITOP.
 """
@@ -266,6 +268,7 @@ class NTURGBD(SkipBad, torch.utils.data.Dataset):
         top, left = round(centre[1] - size / 2), round(centre[0] - size / 2)
         out["depth"] = TF.resized_crop(depth, top, left, round(size), round(size), [self.image_size] * 2,
                                        interpolation=v2.InterpolationMode.NEAREST)
+        out["mask"] = out["depth"][0] > 0  # the masked depth maps keep the person's pixels only
         return dict(out, present={"rgb": True, "depth": True, "keypoints": True}, index=i)
 
 
@@ -327,9 +330,10 @@ def read_list(path, columns):
 class ITOP(torch.utils.data.Dataset):
     """ITOP side view (Haque et al., 2016): root/ITOP_side_{split}_depth_map.h5 (`data` [N,240,320] metres) and
     root/ITOP_side_{split}_labels.h5 (`real_world_coordinates` [N,15,3] metres, `image_coordinates` [N,15,2],
-    `visible_joints` [N,15], `is_valid` [N]). Items are valid frames with depth and joints3d in ITOP's 15-joint
-    order (head, neck, r/l shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot), in ITOP's
-    real-world frame. Needs h5py, imported here only."""
+    `visible_joints` [N,15], `is_valid` [N], `segmentation` [N,240,320] with -1 off the person). Items are valid
+    frames with depth, the person mask (segmentation >= 0) and joints3d in ITOP's 15-joint order (head, neck, r/l
+    shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot), in ITOP's real-world frame. Needs h5py,
+    imported here only."""
 
     def __init__(self, root, split="train"):
         try:
@@ -341,6 +345,7 @@ class ITOP(torch.utils.data.Dataset):
             valid = np.asarray(f["is_valid"]).astype(bool)
             self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32)
             self.visible = np.asarray(f["visible_joints"])[valid].astype(bool)
+            self.mask = np.asarray(f["segmentation"])[valid] >= 0
         with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_depth_map.h5"), layout), "r") as f:
             self.depth = np.asarray(f["data"])[valid].astype(np.float32)
 
@@ -348,7 +353,8 @@ class ITOP(torch.utils.data.Dataset):
         return len(self.depth)
 
     def __getitem__(self, i):
-        return dict(depth=torch.from_numpy(self.depth[i])[None], joints3d=torch.from_numpy(self.joints3d[i]),
+        return dict(depth=torch.from_numpy(self.depth[i])[None], mask=torch.from_numpy(self.mask[i]),
+                    joints3d=torch.from_numpy(self.joints3d[i]),
                     joints_visible=torch.from_numpy(self.visible[i]),
                     present={"rgb": False, "depth": True, "keypoints": False}, index=i)
 
@@ -356,7 +362,8 @@ class ITOP(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------- mixing, collate
 class MixedDataset(torch.utils.data.Dataset):
     """Concatenation of heterogeneous datasets. `index` becomes dataset-wide (each dataset's items are offset by the
-    sizes of those before it), the memory bank's key; each item keeps its `present` mask."""
+    sizes of those before it), the memory bank's key; each item keeps its `present` mask. A key (i, seed) reaches
+    the part as (local i, seed), so parts that are `Transformed` keep their seeded augmentation."""
 
     def __init__(self, datasets):
         self.datasets = list(datasets)
@@ -365,22 +372,24 @@ class MixedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return int(self.offsets[-1])
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for MixedDataset of {len(self)} items")
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        sample = dict(self.datasets[k][i - int(self.offsets[k])])
+        local = i - int(self.offsets[k])
+        sample = dict(self.datasets[k][local if seed is None else (local, seed)])
         sample["index"] = i
         return sample
 
 
 def collate(samples):
-    """Stack samples into the batch dict of DESIGN.md. A modality an item lacks is zero-filled (depth [1,H,W],
-    keypoints [16,2] with keypoints_visible False) and present[...] = False, so the losses can mask it. Label keys
-    are kept when every sample has them."""
+    """Stack samples into the batch dict of DESIGN.md. A modality an item lacks is zero-filled (depth [1,H,W] with
+    an empty person mask, keypoints [16,2] with keypoints_visible False) and present[...] = False, so the losses
+    can mask it. Label keys are kept when every sample has them."""
     H, W = next(s[k] for s in samples for k in ("rgb", "depth") if k in s).shape[-2:]
-    blank = {"rgb": torch.zeros(3, H, W), "depth": torch.zeros(1, H, W), "keypoints": torch.zeros(16, 2),
-             "keypoints_visible": torch.zeros(16, dtype=torch.bool)}
+    blank = {"rgb": torch.zeros(3, H, W), "depth": torch.zeros(1, H, W), "mask": torch.zeros(H, W, dtype=torch.bool),
+             "keypoints": torch.zeros(16, 2), "keypoints_visible": torch.zeros(16, dtype=torch.bool)}
     batch = {k: torch.stack([s.get(k, v) for s in samples]) for k, v in blank.items()}
     batch["present"] = {m: torch.tensor([bool(s["present"][m]) and (m in s) for s in samples]) for m in MODALITIES}
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
@@ -403,30 +412,57 @@ def denormalize_rgb(rgb):
 class PairedTransform:
     """One random geometric transform applied identically to every modality and label of a sample.
 
-    Train: a random rotation (+-rotate deg), scale and translation about the image centre, a horizontal flip with
-    probability `flip` (keypoint slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: synthetic.flip_sample),
-    colour jitter on RGB only. Eval (train=False): only the resize. Both resize to image_size and normalise RGB
-    with the ImageNet statistics. Depth, parts, iuv and mask use nearest-neighbour sampling so that depth never
-    blends with holes; pixels from outside the source are 0 (depth: no return; parts: 255, ignored).
-    Keypoints that leave the frame become not visible. Intrinsics are updated for the scale and translation of the
-    crop and left alone by the rotation (about the image centre), so a back-projected cloud is rotated about the
-    optical axis, a rigid motion."""
+    Train: the geometry comes from `recipe`:
+      'cpu'   a rotation uniform in +-rotate deg, a log-uniform scale in `scale` and a translation of up to
+              +-translate of the image about the image centre, a horizontal flip with probability `flip` (keypoint
+              slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: synthetic.flip_sample), colour jitter on RGB.
+              The CPU preset's and fine-tuning's choice (README, "Departures").
+      'ntu'   the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the frame's,
+              centred at a uniform point of the visible joints' bounding box; no rotation, flip or colour jitter.
+      'mpii'  the published MPII / COCO augmentation, about the centre of the reader's person crop: scale
+              clip(N(1, 0.25), 0.75, 1.25), rotation clip(N(0, 30), -60, 60) deg with probability 0.6; no flip,
+              no colour jitter.
+    Eval (train=False): only the resize. Both resize to image_size and normalise RGB with the ImageNet statistics.
+    Depth, parts, iuv and mask use nearest-neighbour sampling so that depth never blends with holes; pixels from
+    outside the source are 0 (depth: no return; parts: 255, ignored). Keypoints that leave the frame become not
+    visible. Intrinsics are updated for the scale and translation and left alone by the rotation (about the image
+    centre), so a back-projected cloud is rotated about the optical axis, a rigid motion."""
+
+    RECIPES = ("cpu", "ntu", "mpii")
 
     def __init__(self, image_size, train=True, rotate=30.0, scale=(0.75, 1.25), translate=0.1, flip=0.5,
-                 color_jitter=0.4):
-        self.image_size, self.train = image_size, train
+                 color_jitter=0.4, recipe="cpu"):
+        if recipe not in self.RECIPES:
+            raise ValueError(f"recipe must be one of {self.RECIPES}, got {recipe!r}")
+        self.image_size, self.train, self.recipe = image_size, train, recipe
         self.rotate, self.scale, self.translate, self.flip = rotate, scale, translate, flip
         self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 8)
+
+    def draw(self, sample, size):
+        """(flip, angle in degrees, scale, shift [dx, dy] in pixels, colour jitter) of one training transform of a
+        sample whose frame is `size` (H, W); x' = c + scale R(angle)(x - c) + shift, c the frame's centre."""
+        H, W = size
+        if self.recipe == "cpu":
+            shift = [round(random.uniform(-self.translate, self.translate) * n) for n in (W, H)]
+            return (random.random() < self.flip, random.uniform(-self.rotate, self.rotate),
+                    math.exp(random.uniform(*np.log(self.scale))), shift, True)
+        if self.recipe == "ntu":
+            s = 1 / math.sqrt(random.uniform(0.08, 1.2))  # the crop's side is sqrt(area) of a square frame's
+            kp = sample["keypoints"][sample["keypoints_visible"]]
+            lo, hi = (kp.min(0).values.tolist(), kp.max(0).values.tolist()) if len(kp) else ([0, 0], [W - 1, H - 1])
+            p = [random.uniform(lo[0], hi[0]), random.uniform(lo[1], hi[1])]  # the crop's centre
+            return False, 0.0, s, [round(s * ((W - 1) / 2 - p[0])), round(s * ((H - 1) / 2 - p[1]))], False
+        s = float(np.clip(random.gauss(1, 0.25), 0.75, 1.25))
+        angle = float(np.clip(random.gauss(0, 30), -60, 60)) if random.random() < 0.6 else 0.0
+        return False, angle, s, [0, 0], False
 
     def __call__(self, sample):
         out = dict(sample)
         size = sample["rgb"].shape[-2:] if "rgb" in sample else sample["depth"].shape[-2:]
         if self.train:
-            if random.random() < self.flip:
+            flip, angle, s, shift, jitter = self.draw(sample, size)
+            if flip:
                 out = flip_sample(out)
-            angle = random.uniform(-self.rotate, self.rotate)
-            s = math.exp(random.uniform(*np.log(self.scale)))
-            shift = [round(random.uniform(-self.translate, self.translate) * n) for n in size[::-1]]
             out = self._geometric(out, lambda x, interp, fill: TF.affine(
                 x, angle=angle, translate=shift, scale=s, shear=[0.0, 0.0], interpolation=interp, fill=fill))
             if "intrinsics" in out:
@@ -435,7 +471,7 @@ class PairedTransform:
                 K[:2, :2] *= s
                 K[:2, 2] = (K[:2, 2] - centre) * s + centre + torch.tensor(shift, dtype=torch.float32)
                 out["intrinsics"] = K
-            if "rgb" in out:
+            if jitter and "rgb" in out:
                 out["rgb"] = self.jitter(out["rgb"])
         if tuple(size) != (self.image_size, self.image_size):
             out = self._geometric(out, lambda x, interp, fill: TF.resize(

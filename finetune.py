@@ -40,7 +40,7 @@ import data
 import synthetic
 import train
 from encoders import HRNet, merge_maps
-from hcmoco import HCMoCo, HCMoCoConfig, build_hrnet, depth_input
+from hcmoco import HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
 TASKS = ("rgb-parsing", "depth-parsing", "depth-pose", "dense-pose", "cross-modal", "missing-modal")
@@ -146,7 +146,7 @@ class PoseHead(nn.Module):
     1/4-resolution map the other heads read, and the intrinsics lift it exactly: per joint j a heatmap H_j, whose
     soft-argmax gives (u_j, v_j), and a depth-offset map O_j read under the heatmap,
         z_j = z_person + sum_p softmax(H_j)_p O_j,p,    X_j = (u_j - cx) z_j / fx,  Y_j = (v_j - cy) z_j / fy,
-    with z_person the median valid depth of the image."""
+    with z_person the mean depth of the person (hcmoco.person_depth, the centre depth_input subtracts)."""
 
     def __init__(self, cin, joints=16):
         super().__init__()
@@ -154,7 +154,7 @@ class PoseHead(nn.Module):
                                   nn.Conv2d(cin, 2 * joints, 1))
         self.joints = joints
 
-    def forward(self, x, depth, intrinsics, image_size):
+    def forward(self, x, depth, person, intrinsics, image_size):
         B, _, h, w = x.shape
         H, W = image_size
         heat, offset = self.body(x).split(self.joints, dim=1)  # [B, J, h, w] each
@@ -162,9 +162,7 @@ class PoseHead(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
         u = (p * ((xs.flatten() + 0.5) * W / w - 0.5)).sum(-1)  # [B, J] image pixels, centres at integers
         v = (p * ((ys.flatten() + 0.5) * H / h - 0.5)).sum(-1)
-        valid = depth > 0
-        z0 = torch.nanmedian(depth.masked_fill(~valid, float("nan")).flatten(1), dim=1).values.nan_to_num(0)
-        z = z0[:, None] + (p * offset.flatten(2)).sum(-1)
+        z = person_depth(depth, person)[:, None] + (p * offset.flatten(2)).sum(-1)
         K = intrinsics
         X = (u - K[:, 0, 2, None]) * z / K[:, 0, 0, None]
         Y = (v - K[:, 1, 2, None]) * z / K[:, 1, 1, None]
@@ -217,7 +215,7 @@ class Finetuner(nn.Module):
                      else SegHead(C, NUM_CLASSES))
 
     def features(self, batch):
-        x = batch["rgb"] if self.modality == "rgb" else depth_input(batch["depth"])
+        x = batch["rgb"] if self.modality == "rgb" else depth_input(batch["depth"], batch["mask"][:, None])
         return merge_maps(self.backbone(x))
 
     def forward(self, batch):
@@ -225,7 +223,7 @@ class Finetuner(nn.Module):
         f = self.features(batch)
         size = batch["rgb"].shape[-2:] if "rgb" in batch else batch["depth"].shape[-2:]
         if self.task == "depth-pose":
-            joints, uv = self.head(f, batch["depth"], batch["intrinsics"], size)
+            joints, uv = self.head(f, batch["depth"], batch["mask"][:, None], batch["intrinsics"], size)
             p = batch["joints3d"] @ batch["intrinsics"].transpose(1, 2)  # exact 2D joints in the augmented frame
             norm = uv.new_tensor([size[1], size[0]])
             loss = F.l1_loss(uv / norm, p[..., :2] / p[..., 2:] / norm) + F.l1_loss(joints, batch["joints3d"])
@@ -258,7 +256,7 @@ class Versatile(nn.Module):
 
     def embed(self, batch, modalities):
         """Dense embeddings of the given modalities, max-pooled when there are two."""
-        maps = [self.hcmoco.dense_embed(batch[m], m) for m in modalities]
+        maps = [self.hcmoco.dense_embed(batch, m) for m in modalities]
         return maps[0] if len(maps) == 1 else torch.maximum(*maps)
 
     def forward(self, batch, modalities):
@@ -379,11 +377,10 @@ def load_finetuned(out, map_location="cpu"):
 
 
 def train_loader_unlabelled(pairs, cfg):
-    """Endless unlabelled paired batches for the contrastive targets of the versatility tasks."""
-    transform = data.PairedTransform(cfg.image_size, train=True)
+    """Unlabelled paired batches (train.build_dataset, augmented) for the contrastive targets of the versatility
+    tasks, one per fine-tuning step."""
     batches = train.StepBatches(len(pairs), cfg.batch_size, cfg.seed + 1, 0, cfg.steps)
-    return torch.utils.data.DataLoader(data.Transformed(pairs, transform), batch_sampler=batches,
-                                       num_workers=0, collate_fn=data.collate)
+    return torch.utils.data.DataLoader(pairs, batch_sampler=batches, num_workers=0, collate_fn=data.collate)
 
 
 @torch.no_grad()

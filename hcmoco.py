@@ -3,13 +3,19 @@
     E_rgb, E_depth: HRNet (or PointNet++ for depth)   E_kp: SemGCN on the 2D keypoints
     global  f^g = normalize(Linear(mean-pool(merged map)))   (keypoints: mean over visible joints)   -> Eq. 2
     dense   f^d = normalize(Conv1x1(merged map))   [B, D, H/4, W/4], RGB and depth                   -> Eq. 3-5
-    sparse  f^s = f^d sampled at the 2D joints (RGB, depth);  normalize(Linear(GCN)) (keypoints)     -> Eq. 6
+    sparse  f^s = f^d sampled at the 2D joints (RGB, depth);  normalize(GCN joint features)          -> Eq. 6
 
     L = lambda_g L_g + lambda_d L_d + lambda_s L_s                                                    (Eq. 1)
+
+Each term is the published trainer's sum of its cross-entropies (L_g: the six ordered modality pairs; L_d: both
+directions; L_s: RGB and depth joints against the keypoint GCN's, plus across samples), so lambdas of 1, the
+default, weight them as published: effectively 6 : 2 : 3 per cross-entropy.
 
 Missing modalities are masked everywhere: an encoder only sees the rows where its modality is present (so
 zero-filled inputs never touch BatchNorm statistics), Eq. 2 skips pairs with an absent side, the dense term
 uses the rows with both RGB and depth, and sparse entries of absent modalities or invisible joints are invalid.
+The depth encoder reads depth through the person mask `batch['mask']` (depth_input), as the published loader
+reads NTU RGB+D's masked depth maps.
 """
 from dataclasses import asdict, dataclass
 
@@ -22,26 +28,25 @@ from encoders import HRNet, PointNet2, SemGCN, depth_to_points, merge_maps, pixe
 
 MODALITIES = ("rgb", "depth", "keypoints")
 TARGETS = ("global", "global+hard", "global+soft", "global+soft+sparse")  # the rows of the paper's Table 3
-DEPTH_SCALE = 2.0  # metres mapped to one unit of the depth encoder's input
+PELVIS = 6  # MPII joint index, the root of the keypoint normalisation
 
 
 @dataclass
 class HCMoCoConfig:
     hrnet: str = "small"  # 'small' (HRNet.small) or 'w18' / 'w32' / 'w48'
     width: int = 16  # of the small HRNet
-    embed_dim: int = 128
-    gcn_hidden: int = 128
+    embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
     depth_encoder: str = "hrnet"  # or 'pointnet'
     targets: str = "global+soft+sparse"
-    lambda_global: float = 1.0
+    lambda_global: float = 1.0  # Eq. 1, on terms that are sums as published (module docstring)
     lambda_dense: float = 1.0
     lambda_sparse: float = 1.0
     tau: float = 0.07
     num_negatives: int = 16384
     momentum: float = 0.5
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
-    dense_points: int = 400  # as published, sampled from the person (valid depth)
+    dense_points: int = 400  # per image, as published: drawn with replacement from the person (mask, valid depth)
     pointnet_points: int = 4096
 
     def __post_init__(self):
@@ -57,21 +62,35 @@ def build_hrnet(cfg, in_channels=3):
     return HRNet.small(in_channels, cfg.width) if cfg.hrnet == "small" else HRNet(int(cfg.hrnet[1:]), in_channels)
 
 
-def depth_input(depth):
-    """Depth in metres -> the depth HRNet's input: person-centred, (d - median of the valid depth) / 2 m, holes 0,
-    repeated to 3 channels as in the paper (supp. 1.4). Centring removes the camera distance, which says nothing
-    about the person. [B, 1, H, W] -> [B, 3, H, W]."""
-    valid = depth > 0
-    centre = torch.nanmedian(depth.masked_fill(~valid, float("nan")).flatten(1), dim=1).values  # [B]
-    centre = torch.nan_to_num(centre, nan=0.0).view(-1, 1, 1, 1)
-    x = torch.where(valid, (depth - centre) / DEPTH_SCALE, torch.zeros_like(depth))
-    return x.expand(-1, 3, -1, -1)
+def depth_input(depth, person):
+    """Depth in metres -> the depth HRNet's input, as the published loader makes it: the person's depth minus its
+    mean over the person's valid pixels, 0 at holes and everywhere off the person, repeated to 3 channels (supp.
+    1.4). Centring on the person (not on the room behind it) removes the camera distance, which says nothing
+    about the body, so the input does not change when the person moves along the optical axis.
+    depth [B, 1, H, W] metres, person [B, 1, H, W] bool -> [B, 3, H, W]."""
+    on = person & (depth > 0)  # [B, 1, H, W]
+    centre = person_depth(depth, person).view(-1, 1, 1, 1)
+    return torch.where(on, depth - centre, torch.zeros_like(depth)).expand(-1, 3, -1, -1)
 
 
-def normalized_keypoints(keypoints, size):
-    """Pixel (x, y) -> [-1, 1] over an image of `size` (H, W), the GCN's input."""
-    H, W = size
-    return keypoints / keypoints.new_tensor([W - 1, H - 1]) * 2 - 1
+def person_depth(depth, person):
+    """Mean depth [B] of the person's valid pixels (0 where there are none). depth, person: [B, 1, H, W]."""
+    on = person & (depth > 0)
+    return (depth * on).sum(dim=(1, 2, 3)) / on.sum(dim=(1, 2, 3)).clamp(min=1)
+
+
+def normalized_keypoints(keypoints, visible):
+    """The keypoint GCN's input, as the published `normalize_joints_myway`: joints relative to the pelvis (MPII
+    joint 6; the mean of the visible joints when the pelvis is not visible), divided by the largest absolute
+    coordinate of a visible joint, so the input is invariant to a shift and a uniform scale of the image and
+    carries no absolute position in the crop. Invisible joints are 0 and take no part.
+    keypoints [B, J, 2] pixels, visible [B, J] bool -> [B, J, 2] in [-1, 1]."""
+    vis = visible[..., None].to(keypoints.dtype)  # [B, J, 1]
+    mean = (keypoints * vis).sum(1) / vis.sum(1).clamp(min=1)  # [B, 2]
+    root = torch.where(visible[:, PELVIS, None], keypoints[:, PELVIS], mean)  # [B, 2]
+    offsets = (keypoints - root[:, None]) * vis  # [B, J, 2]
+    scale = offsets.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1e-6)  # [B, 1, 1]
+    return offsets / scale
 
 
 def sample_at(maps, keypoints, image_size):
@@ -94,28 +113,34 @@ class HCMoCo(nn.Module):
         else:
             depth = PointNet2(in_features=0, out_channels=sum(rgb.out_channels))
             depth_channels = depth.out_channels
-        self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=SemGCN(cfg.gcn_hidden, cfg.gcn_layers)))
+        self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=SemGCN(D, cfg.gcn_layers)))
         C = {"rgb": sum(rgb.out_channels), "depth": depth_channels}
         self.global_mappers = nn.ModuleDict(dict(rgb=nn.Linear(C["rgb"], D), depth=nn.Linear(C["depth"], D),
-                                                 keypoints=nn.Linear(cfg.gcn_hidden, D)))
+                                                 keypoints=nn.Linear(D, D)))
         self.dense_mappers = nn.ModuleDict(dict(rgb=nn.Conv2d(C["rgb"], D, 1), depth=nn.Conv2d(C["depth"], D, 1)))
-        self.sparse_mapper = nn.Linear(cfg.gcn_hidden, D)
         self.bank = losses.MemoryBank(cfg.bank_size, D, MODALITIES, cfg.num_negatives, cfg.momentum, cfg.tau)
 
     # ------------------------------------------------------------------------------------------------ features
-    def feature_map(self, x, modality, intrinsics=None):
-        """Merged multi-resolution map [B, C, H/4, W/4]. x: normalised RGB, or depth in metres (depth_input is
-        applied here); the PointNet++ depth encoder needs the intrinsics to lift depth to points."""
+    def feature_map(self, batch, modality, rows=None):
+        """Merged multi-resolution map [b, C, H/4, W/4] of 'rgb' or 'depth' for the batch's `rows` (default: all).
+        Depth goes through depth_input with the person mask `batch['mask']` (the PointNet++ variant lifts the
+        person's depth to points with `batch['intrinsics']`)."""
+        rows = slice(None) if rows is None else rows
         if modality == "rgb":
-            return merge_maps(self.encoders["rgb"](x))
+            return merge_maps(self.encoders["rgb"](batch["rgb"][rows]))
+        if "mask" not in batch:
+            raise KeyError("the depth encoder needs the person mask: batch['mask'] [B, H, W] bool")
+        depth, person = batch["depth"][rows], batch["mask"][rows, None]
         if self.cfg.depth_encoder == "hrnet":
-            return merge_maps(self.encoders["depth"](depth_input(x)))
-        return self.pointnet_map(x, intrinsics)
+            return merge_maps(self.encoders["depth"](depth_input(depth, person)))
+        return self.pointnet_map(depth, person, batch["intrinsics"][rows])
 
-    def pointnet_map(self, depth, intrinsics):
-        """PointNet++ on `pointnet_points` valid depth points per image, features scattered back to the 1/4 grid."""
+    def pointnet_map(self, depth, person, intrinsics):
+        """PointNet++ on `pointnet_points` of the person's depth points per image, centred on their mean, features
+        scattered back to the 1/4 grid."""
         B, _, H, W = depth.shape
         points, valid = depth_to_points(depth, intrinsics)  # [B, HW, 3], [B, HW]
+        valid = valid & person.flatten(1)
         n = min(self.cfg.pointnet_points, H * W)
         pick = (torch.rand(B, H * W, device=depth.device) + valid.float()).topk(n, dim=1).indices  # valid first
         pts = torch.gather(points, 1, pick[..., None].expand(-1, -1, 3))
@@ -124,9 +149,9 @@ class HCMoCo(nn.Module):
         feats = self.encoders["depth"](pts - centre, valid=ok)  # [B, C, n]
         return points_to_map(feats, pixel_grid(H, W, depth.device)[pick], ok, (H, W), (H // 4, W // 4))
 
-    def dense_embed(self, x, modality, intrinsics=None):
-        """L2-normalised dense embeddings f^d [B, D, H/4, W/4] of 'rgb' (normalised RGB) or 'depth' (metres)."""
-        return F.normalize(self.dense_mappers[modality](self.feature_map(x, modality, intrinsics)), dim=1)
+    def dense_embed(self, batch, modality):
+        """L2-normalised dense embeddings f^d [B, D, H/4, W/4] of the batch's 'rgb' or 'depth', every row."""
+        return F.normalize(self.dense_mappers[modality](self.feature_map(batch, modality)), dim=1)
 
     def embed(self, batch):
         """Global [B, D], dense [B, D, h, w] and sparse [B, J, D] embeddings of every present modality, each
@@ -139,8 +164,7 @@ class HCMoCo(nn.Module):
             rows = present[m].nonzero().flatten()
             if len(rows) == 0:
                 continue
-            K = batch["intrinsics"][rows] if "intrinsics" in batch else None
-            maps = self.feature_map(batch[m][rows], m, K)  # [b, C, h, w]
+            maps = self.feature_map(batch, m, rows)  # [b, C, h, w]
             g = F.normalize(self.global_mappers[m](maps.mean(dim=(2, 3))), dim=-1)
             d = F.normalize(self.dense_mappers[m](maps), dim=1)
             out["global"][m] = g.new_zeros(B, g.shape[1]).index_copy(0, rows, g)
@@ -150,10 +174,10 @@ class HCMoCo(nn.Module):
         rows = present["keypoints"].nonzero().flatten()
         if len(rows):
             vis = batch["keypoints_visible"][rows]  # [b, J]
-            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], size), vis)  # [b, J, H]
+            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), vis)  # [b, J, H]
             pooled = (h * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
             g = F.normalize(self.global_mappers["keypoints"](pooled), dim=-1)
-            s = F.normalize(self.sparse_mapper(h), dim=-1)
+            s = F.normalize(h, dim=-1)
             out["global"]["keypoints"] = g.new_zeros(B, g.shape[1]).index_copy(0, rows, g)
             out["sparse"]["keypoints"] = s.new_zeros(B, *s.shape[1:]).index_copy(0, rows, s)
         return out
@@ -181,52 +205,56 @@ class HCMoCo(nn.Module):
         loss = sum(weights[k] * v for k, v in terms.items())
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
+    def dense_points(self, batch, rows, size):
+        """The dense term's sample: for each of the batch's `rows`, N = dense_points cells of the (h, w) grid drawn
+        uniformly with replacement from the person (mask and valid depth, nearest-downsampled), as published; rows
+        without a person cell are dropped. -> (rows [b], idx [b, N] flat cell indices)."""
+        h, w = size
+        person = batch["mask"][rows, None] & (batch["depth"][rows] > 0)  # [b, 1, H, W]
+        person = F.interpolate(person.float(), size=(h, w), mode="nearest").flatten(1)  # [b, h*w]
+        keep = person.sum(1) > 0
+        return rows[keep], torch.multinomial(person[keep], self.cfg.dense_points, replacement=True)
+
     def dense_term(self, dense, batch):
-        """Eq. 5 for the RGB-depth pair: Eq. 3 in both directions from one similarity matrix, over the rows with
-        both modalities, at N points drawn without replacement from the person (mask if the batch has one, else
-        valid depth) on the 1/4 grid. N = min(dense_points, the fewest person cells in the batch), so that every
-        row has N distinct points. Soft targets: soft_weights over the points' grid coordinates (cells);
-        hard: the identity (InfoNCE)."""
+        """Eq. 5 for the RGB-depth pair, bidirectional_dense_loss over the rows with both modalities, at the N
+        points of dense_points: N, and with it the term's chance level (about ln N), is the same in every batch.
+        A cell drawn more than once is one candidate: each anchor's other copies of its own cell leave its softmax
+        (they would be negatives identical to its positive), so the identity weights of the "hard" row give an
+        exact InfoNCE and the soft weights spread over distinct cells. Soft targets: soft_weights over the cells'
+        grid coordinates (distances in cells); hard: the identity."""
         none = batch["rgb"].new_zeros(())
         if "rgb" not in dense or "depth" not in dense:
             return none
         rows = (batch["present"]["rgb"] & batch["present"]["depth"]).nonzero().flatten()
         if len(rows) == 0:
             return none
-        f_rgb, f_depth = dense["rgb"][rows], dense["depth"][rows]  # [b, D, h, w]
-        b, D, h, w = f_rgb.shape
-        person = batch["depth"][rows] > 0  # [b, 1, H, W]
-        if "mask" in batch:
-            person = person & batch["mask"][rows, None]
-        person = F.interpolate(person.float(), size=(h, w), mode="nearest").flatten(1) > 0  # [b, h*w]
-        n = min(self.cfg.dense_points, int(person.sum(1).min()))
-        if n < 2:
+        _, D, h, w = dense["rgb"].shape
+        rows, idx = self.dense_points(batch, rows, (h, w))  # [b], [b, N]
+        if len(rows) == 0:
             return none
-        idx = (torch.rand(b, h * w, device=person.device) + person.float()).topk(n, dim=1).indices  # [b, n]
-        f1 = torch.gather(f_rgb.flatten(2), 2, idx[:, None].expand(-1, D, -1)).transpose(1, 2)  # [b, n, D]
-        f2 = torch.gather(f_depth.flatten(2), 2, idx[:, None].expand(-1, D, -1)).transpose(1, 2)
+        pick = lambda f: torch.gather(f[rows].flatten(2), 2, idx[:, None].expand(-1, D, -1)).transpose(1, 2)  # noqa: E731
+        f1, f2 = pick(dense["rgb"]), pick(dense["depth"])  # [b, N, D]
+        n = idx.shape[1]
+        eye = torch.eye(n, dtype=torch.bool, device=idx.device)
+        candidates = (idx[:, :, None] != idx[:, None, :]) | eye  # [b, N, N]
         if self.cfg.targets == "global+hard":
-            W = torch.eye(n, device=f1.device).expand(b, n, n)
+            W = eye.expand(len(rows), n, n).to(f1.dtype)
         else:
-            coords = torch.stack([idx % w, idx // w], dim=-1).float()  # [b, n, 2] grid cells (x, y)
-            W = losses.soft_weights(coords)
-        logits = f1.float() @ f2.float().transpose(1, 2) / self.cfg.tau  # [b, n, n] rgb_i . depth_j
-        return (losses.soft_cross_entropy(logits, W) + losses.soft_cross_entropy(logits.transpose(1, 2),
-                                                                                 W.transpose(1, 2))) / 2
+            coords = torch.stack([idx % w, idx // w], dim=-1).float()  # [b, N, 2] grid cells (x, y)
+            W = losses.soft_weights(coords, candidates)
+        return losses.bidirectional_dense_loss(f1, f2, W, self.cfg.tau, candidates)
 
     def sparse_term(self, sparse, batch):
-        """Eq. 6 over the M = 3 sparse representations (RGB and depth pooled at the joints, keypoint GCN); an
-        entry is valid when its modality is present and the joint visible."""
-        if len(sparse) == 0:
+        """Eq. 6: the RGB and depth dense embeddings sampled at the 2D joints, against the keypoint GCN's joint
+        embeddings within each sample and against each other across the batch. An image joint is valid when its
+        modality and the keypoints are present and the joint is visible."""
+        image = [m for m in ("rgb", "depth") if m in sparse]
+        if not image or "keypoints" not in sparse:
             return batch["rgb"].new_zeros(())
-        feats, valid = [], []
-        for m in MODALITIES:
-            if m in sparse:
-                feats.append(sparse[m])
-                valid.append(batch["present"][m][:, None] & batch["keypoints_visible"]
-                             & batch["present"]["keypoints"][:, None])
-        feats, valid = torch.stack(feats, 1), torch.stack(valid, 1)  # [B, M, J, D], [B, M, J]
-        return losses.sparse_structure_loss(feats, valid, self.cfg.tau, inter_sample=True)
+        joints = torch.stack([sparse[m] for m in image], 1)  # [B, M, J, D]
+        known = batch["present"]["keypoints"][:, None] & batch["keypoints_visible"]  # [B, J]
+        valid = torch.stack([batch["present"][m][:, None] & known for m in image], 1)  # [B, M, J]
+        return losses.sparse_structure_loss(joints, sparse["keypoints"], valid, self.cfg.tau)
 
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod

@@ -1,6 +1,9 @@
 """hcmoco.py: every ablation row trains, masking of missing modalities, the geometry of the embedding levels."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import hcmoco
@@ -17,7 +20,7 @@ def batch_of(n_indoor=3, n_wild=1, seed=0):
 
 
 def tiny(**kw):
-    return hcmoco.HCMoCo(hcmoco.HCMoCoConfig(width=4, gcn_hidden=16, gcn_layers=1, embed_dim=16, bank_size=8,
+    return hcmoco.HCMoCo(hcmoco.HCMoCoConfig(width=4, gcn_layers=1, embed_dim=16, bank_size=8,
                                              num_negatives=8, **kw))
 
 
@@ -72,13 +75,38 @@ def test_global_term_counts_only_present_pairs():
     assert terms["global"] == 0 and loss.requires_grad
 
 
-def test_depth_input_is_person_centred():
-    depth = torch.rand(2, 1, 8, 8) + 2
-    depth[0, 0, 0, 0] = 0
-    x = hcmoco.depth_input(depth)
-    assert x.shape == (2, 3, 8, 8) and x[0, :, 0, 0].eq(0).all()
-    shifted = torch.where(depth > 0, depth + 1.5, depth)
-    torch.testing.assert_close(hcmoco.depth_input(shifted), x)
+def test_depth_input_centres_on_the_person_not_the_room():
+    """The person's depth minus its mean over the person, 0 off the person and at holes; unchanged when the person
+    moves along the optical axis, whatever the room behind does."""
+    depth = torch.full((2, 1, 8, 8), 6.0)  # the room, far behind
+    person = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    person[:, :, 2:6, 3:5] = True
+    depth[person] = 2.5 + torch.rand(int(person.sum())) * 0.4
+    depth[0, 0, 2, 3] = 0  # a hole on the person
+    x = hcmoco.depth_input(depth, person)
+    on = person & (depth > 0)
+    assert x.shape == (2, 3, 8, 8) and (x[~on.expand(-1, 3, -1, -1)] == 0).all()
+    torch.testing.assert_close(x[0, 0][on[0, 0]].mean(), torch.tensor(0.0))  # centred on the person's mean
+    moved = torch.where(person, depth + 1.5, depth + torch.rand_like(depth))  # the room changes too
+    moved[depth == 0] = 0  # the hole stays a hole
+    torch.testing.assert_close(hcmoco.depth_input(moved, person), x)
+
+
+def test_normalized_keypoints_are_pelvis_relative_and_scale_free():
+    """normalize_joints_myway: invariant to shifting and uniformly scaling the image; invisible joints take no part
+    (neither as input nor in the scale)."""
+    kp = torch.rand(3, 16, 2) * 40 + 10
+    vis = torch.rand(3, 16) > 0.2
+    vis[0, hcmoco.PELVIS] = False  # falls back to the visible joints' mean
+    vis[1:, hcmoco.PELVIS] = True
+    out = hcmoco.normalized_keypoints(kp, vis)
+    torch.testing.assert_close(hcmoco.normalized_keypoints(kp * 2.7 + torch.tensor([31.0, -12.0]), vis), out)
+    assert (out[~vis] == 0).all()
+    torch.testing.assert_close(out[1:, hcmoco.PELVIS], torch.zeros(2, 2))
+    torch.testing.assert_close(out.abs().amax(dim=(1, 2)), torch.ones(3))
+    far = kp.clone()
+    far[~vis] = 1e4  # an invisible joint far away changes nothing
+    torch.testing.assert_close(hcmoco.normalized_keypoints(far, vis), out)
 
 
 def test_joint_features_are_sampled_where_the_joints_are():
@@ -90,6 +118,80 @@ def test_joint_features_are_sampled_where_the_joints_are():
     kp = torch.tensor([[[5.0, 9.0], [20.3, 14.7], [11.0, 26.0]]])
     got = hcmoco.sample_at(maps, kp, (H, W))
     torch.testing.assert_close(got[0], kp[0])
+
+
+def dense_double_loop(f_rgb, f_depth, idx, w, tau, hard):
+    """Eq. 5 at given cells, written out: both directions; every anchor's targets over the other modality's points
+    are softmax(-distance) from its own cell; a cell drawn twice is one candidate."""
+    total, count = 0.0, 0
+    for b in range(len(idx)):
+        cells = idx[b].tolist()
+        xy = [torch.tensor([c % w, c // w], dtype=torch.float64) for c in cells]
+        a_rgb = F.normalize(f_rgb[b].flatten(1)[:, cells].T.double(), dim=-1)  # [N, D]
+        a_depth = F.normalize(f_depth[b].flatten(1)[:, cells].T.double(), dim=-1)
+        for anchors, others in ((a_rgb, a_depth), (a_depth, a_rgb)):
+            for i, ci in enumerate(cells):
+                cands = [j for j, cj in enumerate(cells) if j == i or cj != ci]
+                if hard:
+                    target = {j: float(j == i) for j in cands}
+                else:
+                    z = sum(math.exp(-float((xy[i] - xy[k]).norm())) for k in cands)
+                    target = {j: math.exp(-float((xy[i] - xy[j]).norm())) / z for j in cands}
+                logit = {j: float(anchors[i] @ others[j]) / tau for j in cands}
+                log_den = math.log(sum(math.exp(v) for v in logit.values()))
+                total -= sum(target[j] * (logit[j] - log_den) for j in cands)
+        count += len(cells)
+    return total / count
+
+
+@pytest.mark.parametrize("targets", ["global+soft", "global+hard"])
+def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
+    """HCMoCo.dense_term at fixed points, repeats included, against Eq. 5 written out; with W^T in the reverse
+    direction (or repeats as extra negatives) it differs."""
+    model = tiny(targets=targets, dense_points=12)
+    batch = batch_of()
+    with torch.no_grad():
+        dense = model.embed(batch)["dense"]
+    h, w = dense["rgb"].shape[-2:]
+    idx = torch.randint(h * w, (3, 12))
+    idx[:, 1] = idx[:, 0]  # a repeat in every row
+    monkeypatch.setattr(model, "dense_points", lambda batch, rows, size: (rows, idx))
+    got = model.dense_term(dense, batch)
+    want = dense_double_loop(dense["rgb"][:3], dense["depth"][:3], idx, w, model.cfg.tau, targets == "global+hard")
+    assert abs(got.item() - want) < 1e-4 * abs(want)
+
+
+def test_dense_term_draws_the_same_number_of_points_every_batch():
+    """N = dense_points in every batch, however small the person (drawn with replacement), and only from the
+    person's cells with valid depth."""
+    model = tiny(dense_points=64)
+    batch = batch_of()
+    batch["mask"][0] = False
+    batch["mask"][0, 20:24, 20:24] = True  # one person covers a single 1/4 cell of the 12 x 12 grid
+    batch["depth"][1, :, :, :24] = 0  # no depth on the left half of sample 1
+    rows, idx = model.dense_points(batch, torch.tensor([0, 1, 2]), (12, 12))
+    assert rows.tolist() == [0, 1, 2] and idx.shape == (3, 64)
+    assert (idx[0] == 5 * 12 + 5).all()
+    assert (idx[1] % 12 >= 6).all()
+    person = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(12, 12)).flatten(1)
+    assert (person[rows[:, None], idx] > 0).all()
+    seen = []
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(hcmoco.losses, "bidirectional_dense_loss",
+                        lambda f1, f2, *a, **k: seen.append(f1.shape) or f1.sum() * 0)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model(batch_of(seed=seed))
+    monkeypatch.undo()
+    assert [s[1] for s in seen] == [64, 64, 64]
+
+
+def test_eq1_weights_the_terms_as_published():
+    """Default lambdas of 1 on terms that are the published sums: the total is global + dense + sparse."""
+    model = tiny()
+    loss, terms = model(batch_of())
+    torch.testing.assert_close(loss, terms["global"] + terms["dense"] + terms["sparse"])
+    assert (model.cfg.lambda_global, model.cfg.lambda_dense, model.cfg.lambda_sparse) == (1.0, 1.0, 1.0)
 
 
 def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
