@@ -4,7 +4,8 @@ starts from it and trains the whole hierarchy (Eq. 1).
     python train.py --stage 2                      # both stages, synthetic data, CPU preset without a GPU
     python train.py --stage 1                      # stage 1 only
     python train.py --stage 2 --targets global+hard --out runs/hard   # an ablation row of Table 3
-    torchrun --nproc_per_node 8 train.py --stage 2 --preset paper --data ntu+mpii --ntu-root N --mpii-root M
+    torchrun --nproc_per_node 8 train.py --stage 2 --preset paper --data ntu+mpii --ntu-root N --mpii-root M \
+        --backbone-init hrnetv2_w18_imagenet_pretrained.pth      # as published: both HRNets from ImageNet
 
 Outputs in --out: stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG state, config; written
 atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run; a finished
@@ -32,8 +33,9 @@ PRESETS = {
     # 48 dense points: a person covers 60-130 cells of the 24x24 grid at 96 px, so N stays fixed across batches
     "cpu": dict(image_size=96, hrnet="small", width=16, batch_size=16, lr=0.05, epochs=16, num_negatives=256,
                 synthetic_samples=256, dense_points=48),
-    # supp. 1.1: HRNet-W18, batch 224, SGD lr 0.03 with a cosine schedule, 100 + 100 epochs, 16,384 negatives
-    "paper": dict(image_size=256, hrnet="w18", width=18, batch_size=224, lr=0.03, epochs=100, num_negatives=16384,
+    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
+    # 100 + 100 epochs, 16,384 negatives, 400 dense points per image, the published augmentation (build_dataset)
+    "paper": dict(image_size=320, hrnet="w18", width=18, batch_size=224, lr=0.03, epochs=100, num_negatives=16384,
                   synthetic_samples=65536, dense_points=400),
 }
 
@@ -58,6 +60,7 @@ class Config:
     num_negatives: int = 0
     dense_points: int = 0
     synthetic_samples: int = 0
+    backbone_init: str = ""  # an official-format HRNet checkpoint for the RGB and depth HRNets (ImageNet weights)
     out: str = "runs/hcmoco"
     resume: bool = False
     device: str = "auto"
@@ -81,7 +84,8 @@ def parse_args(argv=None):
     checks = [(cfg.stage in (1, 2), "--stage must be 1 or 2"), (cfg.targets in TARGETS, f"--targets: one of {TARGETS}"),
               (cfg.preset in ("auto", "cpu", "paper"), "--preset: auto, cpu or paper"),
               (cfg.data in ("synthetic", "ntu+mpii", "ntu+coco"), "--data: synthetic, ntu+mpii or ntu+coco"),
-              (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda")]
+              (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda"),
+              (not cfg.backbone_init or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -102,9 +106,11 @@ def resolve(cfg):
 
 # ----------------------------------------------------------------------------------------------------------- data
 def build_dataset(cfg):
-    """The pre-training set: an all-modality set mixed with a no-depth set (NTU RGB+D + MPII or COCO; or their
-    synthetic stand-ins, 3/4 'indoor' with depth and 1/4 'wild' without). Readers raise FileNotFoundError naming
-    a missing root before any model is built."""
+    """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set (NTU RGB+D + MPII
+    or COCO; or their synthetic stand-ins, 3/4 'indoor' with depth and 1/4 'wild' without), each part under its
+    own PairedTransform recipe (paper preset: the published 'ntu' and 'mpii'; CPU preset: 'cpu').
+    Items are indexed by (index, augmentation seed). Readers raise FileNotFoundError naming a missing root before
+    any model is built."""
     s = cfg.image_size
     if cfg.data == "synthetic":
         n = cfg.synthetic_samples
@@ -114,7 +120,8 @@ def build_dataset(cfg):
         ntu = data.NTURGBD(cfg.ntu_root, s)
         parts = [ntu, data.MPII(cfg.mpii_root, "train", s) if cfg.data == "ntu+mpii"
                  else data.COCOKeypoints(cfg.coco_root, "train2017", s)]
-    return data.MixedDataset(parts)
+    recipes = ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu")
+    return data.MixedDataset([data.Transformed(p, data.PairedTransform(s, recipe=r)) for p, r in zip(parts, recipes)])
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -221,6 +228,10 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     elif stage == 2:
         first = torch.load(os.path.join(out, "stage1.pt"), map_location=device, weights_only=False)
         model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
+    elif cfg.backbone_init:  # stage 1 starts both HRNets from the same weights, as the published scripts do
+        for m in ("rgb", "depth"):
+            report = model.encoders[m].load_pretrained(cfg.backbone_init)
+            log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -232,9 +243,8 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None, broadcast_buffers=False, find_unused_parameters=True)
 
-    transform = data.PairedTransform(cfg.image_size, train=True)
     sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed + 1000 * stage, start, total, rank, world)
-    loader = torch.utils.data.DataLoader(data.Transformed(dataset, transform), batch_sampler=sampler,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=cfg.workers, collate_fn=data.collate,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG

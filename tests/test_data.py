@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 import data
 import synthetic
@@ -260,3 +261,66 @@ def test_list_readers_name_malformed_lines(tmp_path):
         data.Human36MParts(tmp_path)
     with pytest.raises(FileNotFoundError, match="val.txt"):
         data.NTURGBDParsing(tmp_path, "val")
+
+
+# ------------------------------------------------------------------------------------ the published recipes
+def affine_params(transform, sample, seed):
+    """The (flip, angle, scale, shift, jitter) a seeded call of `transform` draws, and that call's output."""
+    import random
+    random.seed(seed)
+    params = transform.draw(sample, sample["rgb"].shape[-2:])
+    random.seed(seed)
+    return params, transform(sample)
+
+
+def test_ntu_recipe_is_one_crop_around_the_joints_without_flip_rotation_or_jitter():
+    """The published NTU RGB+D augmentation: a square crop of area 0.08-1.2 x the frame, centred inside the visible
+    joints' box, the same for every modality; no flip, no rotation, no colour jitter."""
+    s = synthetic.SyntheticHumans(1, 64, seed=3)[0]
+    t = data.PairedTransform(64, recipe="ntu")
+    vis = s["keypoints_visible"]
+    lo, hi = s["keypoints"][vis].min(0).values, s["keypoints"][vis].max(0).values
+    scales = []
+    for seed in range(40):
+        (flip, angle, scale, shift, jitter), out = affine_params(t, s, seed)
+        assert not flip and angle == 0 and not jitter
+        scales.append(scale)
+        assert 1 / 1.2 ** 0.5 - 1e-6 <= scale <= 1 / 0.08 ** 0.5 + 1e-6
+        centre = torch.tensor([31.5, 31.5]) - torch.tensor(shift, dtype=torch.float32) / scale  # maps to the centre
+        assert ((centre >= lo - 1) & (centre <= hi + 1)).all()
+        both = vis & out["keypoints_visible"]
+        a, b = out["keypoints"][both], s["keypoints"][both]
+        # no flip, no rotation: every keypoint offset is the original offset times the scale
+        torch.testing.assert_close(a - a[:1], (b - b[:1]) * scale, atol=0.6, rtol=0)
+        # no colour jitter: RGB is exactly the geometric transform of the input
+        want = TF.affine(s["rgb"], angle=0.0, translate=shift, scale=scale, shear=[0.0, 0.0],
+                         interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
+        torch.testing.assert_close(data.denormalize_rgb(out["rgb"]), want, atol=1e-5, rtol=0)
+    assert max(scales) > 2 and min(scales) < 1  # the whole published range is drawn
+
+
+def test_mpii_recipe_scales_and_rotates_about_the_centre_without_flip():
+    s = synthetic.SyntheticHumans(1, 64, seed=3, domain="wild", with_depth=False)[0]
+    t = data.PairedTransform(64, recipe="mpii")
+    angles = []
+    for seed in range(200):
+        (flip, angle, scale, shift, jitter), _ = affine_params(t, s, seed)
+        assert not flip and not jitter and shift == [0, 0] and 0.75 <= scale <= 1.25 and abs(angle) <= 60
+        angles.append(angle)
+    rotated = sum(a != 0 for a in angles) / len(angles)
+    assert 0.5 < rotated < 0.7  # with probability 0.6
+    assert max(abs(a) for a in angles) > 30  # N(0, 30 deg), clipped at 60
+
+
+def test_unknown_recipe_names_itself():
+    with pytest.raises(ValueError, match="recipe"):
+        data.PairedTransform(64, recipe="imagenet")
+
+
+def test_mixed_dataset_passes_seeds_to_transformed_parts():
+    parts = [data.Transformed(synthetic.SyntheticHumans(2, 32), data.PairedTransform(32, recipe="ntu")),
+             data.Transformed(synthetic.SyntheticHumans(2, 32, domain="wild", with_depth=False),
+                              data.PairedTransform(32, recipe="mpii"))]
+    mixed = data.MixedDataset(parts)
+    a, b = mixed[(3, 7)], parts[1][(1, 7)]
+    assert a["index"] == 3 and torch.equal(a["rgb"], b["rgb"]) and not torch.equal(a["rgb"], mixed[(3, 8)]["rgb"])

@@ -126,3 +126,35 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sheet.png").stat().st_size > 1000
     finally:
         matplotlib.use(before)
+
+
+def test_paper_preset_has_the_published_resolution_and_augmentation():
+    cfg = train.resolve(train.Config(preset="paper", device="cpu", synthetic_samples=8))
+    assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
+    assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
+    cpu = train.resolve(train.Config(preset="cpu", device="cpu", synthetic_samples=8))
+    assert [p.transform.recipe for p in train.build_dataset(cpu).datasets] == ["cpu", "cpu"]
+
+
+def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, capsys):
+    """--backbone-init: an official-format HRNet state_dict ('module.'-prefixed, one tensor of another shape) goes
+    into the RGB and the depth HRNet before stage 1, with a report of what matched."""
+    from encoders import HRNet
+    torch.manual_seed(3)
+    official = HRNet.small(width=4)
+    for p in official.parameters():
+        p.data.normal_()
+    state = {"module." + k: v for k, v in official.state_dict().items()}
+    state["module.conv1.weight"] = torch.randn(32, 1, 3, 3)  # e.g. a 1-channel stem: skipped and reported
+    path = tmp_path / "hrnetv2_small_official.pth"
+    torch.save({"state_dict": state}, path)
+    run(tmp_path / "out", "--stage", "1", "--steps", "1", "--lr", "1e-30", "--backbone-init", str(path))
+    out = capsys.readouterr().out
+    assert "rgb HRNet from" in out and "depth HRNet from" in out and "1 mismatched" in out
+    s1 = weights(tmp_path / "out" / "stage1.pt")
+    for m in ("rgb", "depth"):
+        torch.testing.assert_close(s1[f"encoders.{m}.stage4.0.branches.3.0.conv2.weight"],
+                                   official.stage4[0].branches[3][0].conv2.weight)
+        assert not torch.equal(s1[f"encoders.{m}.conv1.weight"], official.conv1.weight)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--backbone-init", str(tmp_path / "missing.pth")])
