@@ -111,7 +111,8 @@ class HRNet(nn.Module):
     narrow and shallow for CPU training.
     """
 
-    def __init__(self, width=18, in_channels=3, stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3)):
+    def __init__(self, width=18, in_channels=3, stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3),
+                 init="official"):
         super().__init__()
         self.out_channels = [width, 2 * width, 4 * width, 8 * width]
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, 2, 1, bias=False)
@@ -125,7 +126,7 @@ class HRNet(nn.Module):
             setattr(self, f"transition{k - 1}", self._transition(pre, cur))
             setattr(self, f"stage{k}", nn.Sequential(*[HighResolutionModule(cur, blocks) for _ in range(n_modules)]))
             pre = cur
-        self._init_weights()
+        self._init_weights(init)
 
     @staticmethod
     def _transition(pre, cur):
@@ -139,18 +140,26 @@ class HRNet(nn.Module):
                 layers.append(nn.Sequential(conv_bn(pre[-1], c, 3, 2)))
         return layers
 
-    def _init_weights(self):
+    def _init_weights(self, init):
+        """'official': normal with std 0.001, as the official code, which then loads ImageNet weights over it;
+        'he': He et al. (2015) normal with fan-out, for training from scratch."""
+        if init not in ("official", "he"):
+            raise ValueError(f"init must be 'official' or 'he', got {init!r}")
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.001)
+                if init == "he":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.normal_(m.weight, std=0.001)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def small(cls, in_channels=3, width=16):
+    def small(cls, in_channels=3, width=16, init="official"):
         """The CPU configuration: same architecture family, 1 BasicBlock per branch, 1 module per stage."""
-        return cls(width=width, in_channels=in_channels, stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1))
+        return cls(width=width, in_channels=in_channels, stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1),
+                   init=init)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

@@ -149,6 +149,25 @@ def sparse_structure_loss(joints, keypoints, valid, tau=0.07):
     return joint_keypoint_loss(joints, keypoints, valid, tau) + cross_sample_joint_loss(joints, valid, tau)
 
 
+def batch_contrastive_loss(feats, present, tau=0.07):
+    """Eq. 2 with the other samples of the batch as negatives instead of a memory bank (CMC's softmax form, as
+    CLIP): for an ordered pair of distinct modalities (a, b) and a row i with both present,
+        L_i(a->b) = -log( exp(<f_a_i, f_b_i>/tau) / sum_{k: b present} exp(<f_a_i, f_b_k>/tau) )
+    and, as MemoryBank, L = sum over ordered pairs of each pair's mean over its rows. Both sides get gradients.
+    feats {modality: [B, dim]}, present {modality: [B] bool} -> scalar."""
+    f = {m: F.normalize(_full(x), dim=-1) for m, x in feats.items()}
+    loss = 0.0
+    for a in f:
+        for b in f:
+            if a == b:
+                continue
+            logits = (f[a] @ f[b].T / tau).masked_fill(~present[b][None, :], float("-inf"))  # [B, B]
+            rows = present[a] & present[b]
+            nll = -logits.log_softmax(dim=-1).diagonal().masked_fill(~rows, 0.0)  # [B]
+            loss = loss + nll.sum() / rows.sum().clamp(min=1)
+    return loss
+
+
 class MemoryBank(nn.Module):
     """Eq. 2: sample-level contrast across modalities against a momentum memory bank.
 
