@@ -43,6 +43,8 @@ class HCMoCoConfig:
     lambda_dense: float = 1.0
     lambda_sparse: float = 1.0
     tau: float = 0.07
+    init: str = "official"  # of the HRNets: 'official' (std 0.001, replaced by ImageNet weights) or 'he'
+    global_loss: str = "bank"  # Eq. 2's negatives: 'bank' (the memory bank, as published) or 'batch' (in-batch)
     num_negatives: int = 16384
     momentum: float = 0.5
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
@@ -56,10 +58,15 @@ class HCMoCoConfig:
             raise ValueError(f"hrnet must be 'small', 'w18', 'w32' or 'w48', got {self.hrnet!r}")
         if self.depth_encoder not in ("hrnet", "pointnet"):
             raise ValueError(f"depth_encoder must be 'hrnet' or 'pointnet', got {self.depth_encoder!r}")
+        for name, allowed in (("init", ("official", "he")), ("global_loss", ("bank", "batch"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def build_hrnet(cfg, in_channels=3):
-    return HRNet.small(in_channels, cfg.width) if cfg.hrnet == "small" else HRNet(int(cfg.hrnet[1:]), in_channels)
+    if cfg.hrnet == "small":
+        return HRNet.small(in_channels, cfg.width, init=cfg.init)
+    return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init)
 
 
 def depth_input(depth, person):
@@ -115,10 +122,11 @@ class HCMoCo(nn.Module):
             depth_channels = depth.out_channels
         self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=SemGCN(D, cfg.gcn_layers)))
         C = {"rgb": sum(rgb.out_channels), "depth": depth_channels}
-        self.global_mappers = nn.ModuleDict(dict(rgb=nn.Linear(C["rgb"], D), depth=nn.Linear(C["depth"], D),
-                                                 keypoints=nn.Linear(D, D)))
+        self.global_mappers = nn.ModuleDict({m: nn.Linear(c, D) for m, c in
+                                             (("rgb", C["rgb"]), ("depth", C["depth"]), ("keypoints", D))})
         self.dense_mappers = nn.ModuleDict(dict(rgb=nn.Conv2d(C["rgb"], D, 1), depth=nn.Conv2d(C["depth"], D, 1)))
-        self.bank = losses.MemoryBank(cfg.bank_size, D, MODALITIES, cfg.num_negatives, cfg.momentum, cfg.tau)
+        if cfg.global_loss == "bank":
+            self.bank = losses.MemoryBank(cfg.bank_size, D, MODALITIES, cfg.num_negatives, cfg.momentum, cfg.tau)
 
     # ------------------------------------------------------------------------------------------------ features
     def feature_map(self, batch, modality, rows=None):
@@ -196,7 +204,8 @@ class HCMoCo(nn.Module):
         if gather is not None:
             feats = {m: gather(f) for m, f in feats.items()}
             present, index = {m: gather(p) for m, p in present.items()}, gather(index)
-        terms = {"global": self.bank(feats, index, present)}
+        terms = {"global": self.bank(feats, index, present) if cfg.global_loss == "bank"
+                 else losses.batch_contrastive_loss(feats, present, cfg.tau)}
         if "+" in cfg.targets:
             terms["dense"] = self.dense_term(emb["dense"], batch)
         if cfg.targets.endswith("sparse"):
