@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 from synthetic import FLIP_JOINTS, FLIP_PARTS, flip_sample
 
@@ -506,6 +507,42 @@ class PairedTransform:
             inside = ((kp >= 0) & (kp <= torch.tensor([canvas[1] - 1, canvas[0] - 1]))).all(dim=1)
             out["keypoints"], out["keypoints_visible"] = kp.float(), out["keypoints_visible"] & inside
         return out
+
+
+class Cached(torch.utils.data.Dataset):
+    """A dataset rendered or read once into memory, keeping only `keys` of each item: the training loop then spends
+    the CPU on model steps instead of re-rendering the same items every epoch. Filled at construction by `workers`
+    processes (0 = this one), with a progress bar."""
+
+    def __init__(self, dataset, keys, workers=0):
+        self.keys = set(keys)
+        indices = range(len(dataset))
+        desc = f"caching {len(dataset)} items of {type(dataset).__name__}"
+        if workers > 0:
+            import functools
+            import multiprocessing
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                items = pool.imap(functools.partial(_numpy_item, dataset, self.keys), indices, chunksize=16)
+                # numpy arrays travel by value; torch tensors would travel as file descriptors, thousands at once
+                self.items = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in s.items()}
+                              for s in tqdm(items, total=len(dataset), desc=desc, leave=False)]
+        else:
+            self.items = [_keep(dataset[i], self.keys) for i in tqdm(indices, desc=desc, leave=False)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _keep(sample, keys):
+    return {k: v for k, v in sample.items() if k in keys}
+
+
+def _numpy_item(dataset, keys, i):
+    """Item i of a dataset with its tensors as numpy arrays (Cached's worker processes send these)."""
+    return {k: v.numpy() if torch.is_tensor(v) else v for k, v in _keep(dataset[i], keys).items()}
 
 
 class Transformed(torch.utils.data.Dataset):

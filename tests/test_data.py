@@ -324,3 +324,11 @@ def test_mixed_dataset_passes_seeds_to_transformed_parts():
     mixed = data.MixedDataset(parts)
     a, b = mixed[(3, 7)], parts[1][(1, 7)]
     assert a["index"] == 3 and torch.equal(a["rgb"], b["rgb"]) and not torch.equal(a["rgb"], mixed[(3, 8)]["rgb"])
+
+
+def test_cached_items_equal_the_rendered_ones_with_the_kept_keys():
+    people = synthetic.SyntheticHumans(5, 32, seed=2)
+    for workers in (0, 2):
+        cached = data.Cached(people, ("rgb", "depth", "present", "index"), workers=workers)
+        assert len(cached) == 5 and set(cached[3]) == {"rgb", "depth", "present", "index"}
+        assert torch.equal(cached[3]["depth"], people[3]["depth"]) and cached[3]["index"] == 3
