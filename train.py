@@ -21,22 +21,28 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import synthetic
+from encoders import HRNet
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
 
 PRESETS = {
-    # CPU: the small HRNet at 96 px; 256 samples seen 16 times per stage (the memory bank needs revisits),
-    # the whole bank as negatives: both stages in about 6 minutes on 2 cores
-    # 48 dense points: a person covers 60-130 cells of the 24x24 grid at 96 px, so N stays fixed across batches
-    "cpu": dict(image_size=96, hrnet="small", width=16, batch_size=16, lr=0.05, epochs=16, num_negatives=256,
-                synthetic_samples=256, dense_points=48),
+    # CPU (2 cores, <= 10 min for both stages), each choice measured against the published recipe (README, "What
+    # it took"): He init (no ImageNet weights to replace the official std-0.001 init), AdamW with a short warm-up,
+    # in-batch Eq. 2 at tau 0.1 (a bank revisited a few times a run holds stale positives), 4,096 people rendered
+    # once into memory, the small HRNet at 64 px with batch 64 (more samples per second), 4 epochs per stage;
+    # 48 dense points: a person covers 25-60 cells of the 16 x 16 grid, drawn with replacement
+    "cpu": dict(image_size=64, hrnet="small", width=16, batch_size=64, lr=3e-3, epochs=4, num_negatives=256,
+                synthetic_samples=4096, dense_points=48, cache=True, init="he", global_loss="batch",
+                tau=0.1, optimizer="adamw", warmup=20, eval_every=64),
     # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
     # 100 + 100 epochs, 16,384 negatives, 400 dense points per image, the published augmentation (build_dataset)
     "paper": dict(image_size=320, hrnet="w18", width=18, batch_size=224, lr=0.03, epochs=100, num_negatives=16384,
-                  synthetic_samples=65536, dense_points=400),
+                  synthetic_samples=65536, dense_points=400, cache=False, init="he", global_loss="bank",
+                  tau=0.07, optimizer="sgd", warmup=0, eval_every=500),
 }
 
 
@@ -60,6 +66,14 @@ class Config:
     num_negatives: int = 0
     dense_points: int = 0
     synthetic_samples: int = 0
+    cache: bool = None  # --cache / --no-cache: render the synthetic set once into memory (None = the preset's)
+    init: str = ""  # HRNet init when no --backbone-init: official | he
+    global_loss: str = ""  # bank | batch
+    tau: float = 0.0
+    optimizer: str = ""  # sgd | adamw
+    warmup: int = -1  # linear learning-rate warm-up steps per stage
+    eval_every: int = 0  # steps between held-out monitors (0 = the preset's)
+    heldout: int = 256  # held-out people the monitors embed
     backbone_init: str = ""  # an official-format HRNet checkpoint for the RGB and depth HRNets (ImageNet weights)
     out: str = "runs/hcmoco"
     resume: bool = False
@@ -75,8 +89,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         name = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(name, action="store_true")
+        if f.type is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(name, type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
@@ -96,9 +110,9 @@ def resolve(cfg):
     """Fill the options left at 0 / '' from the preset."""
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if device == "cuda" else "cpu")
-    values = asdict(cfg)
+    values, unset = asdict(cfg), asdict(Config())
     for k, v in PRESETS[preset].items():
-        if not values[k]:
+        if values[k] == unset[k]:
             values[k] = v
     values.update(preset=preset, device=device)
     return Config(**values)
@@ -108,7 +122,7 @@ def resolve(cfg):
 def build_dataset(cfg):
     """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set (NTU RGB+D + MPII
     or COCO; or their synthetic stand-ins, 3/4 'indoor' with depth and 1/4 'wild' without), each part under its
-    own PairedTransform recipe (paper preset: the published 'ntu' and 'mpii'; CPU preset: 'cpu').
+    own PairedTransform recipe (paper preset: the published 'ntu' and 'mpii'; CPU preset: PRESETS['cpu']).
     Items are indexed by (index, augmentation seed). Readers raise FileNotFoundError naming a missing root before
     any model is built."""
     s = cfg.image_size
@@ -116,12 +130,25 @@ def build_dataset(cfg):
         n = cfg.synthetic_samples
         parts = [synthetic.SyntheticHumans(n - n // 4, s, seed=cfg.seed, domain="indoor"),
                  synthetic.SyntheticHumans(n // 4, s, seed=cfg.seed + 1, domain="wild", with_depth=False)]
+        if cfg.cache:
+            parts = [data.Cached(p, PRETRAIN_KEYS, cfg.workers) for p in parts]
     else:
         ntu = data.NTURGBD(cfg.ntu_root, s)
         parts = [ntu, data.MPII(cfg.mpii_root, "train", s) if cfg.data == "ntu+mpii"
                  else data.COCOKeypoints(cfg.coco_root, "train2017", s)]
     recipes = ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu")
     return data.MixedDataset([data.Transformed(p, data.PairedTransform(s, recipe=r)) for p, r in zip(parts, recipes)])
+
+
+PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intrinsics", "present", "index")
+HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
+
+
+def heldout_batch(image_size, n):
+    """The fixed held-out batch of the monitors: n indoor synthetic people (every modality), resized only."""
+    people = synthetic.SyntheticHumans(n, image_size, seed=HELDOUT_SEED, domain="indoor")
+    transform = data.PairedTransform(image_size, train=False)
+    return data.collate([transform(people[i]) for i in range(len(people))])
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -165,23 +192,40 @@ def read_log(out):
 
 
 def plot_log(out):
-    """loss.png: the total loss and each term against the step, stage 2 after stage 1."""
+    """loss.png: the loss terms (top row) and the held-out monitors (bottom row) against the step, stage 2 after
+    stage 1 (dashed line)."""
     from matplotlib.figure import Figure  # not pyplot: a notebook calling train.main keeps its backend
     rows = read_log(out)
     if not rows:
         return
     offset = max((r["step"] for r in rows if r["stage"] == 1), default=-1) + 1
     x = [r["step"] + (offset if r["stage"] == 2 else 0) for r in rows]
-    keys = [k for k in ("loss", "global", "dense", "sparse") if any(k in r for r in rows)]
-    fig = Figure(figsize=(4 * len(keys), 3))
-    axes = fig.subplots(1, len(keys))
-    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
-        pts = [(xi, r[k]) for xi, r in zip(x, rows) if k in r]
-        ax.plot(*zip(*pts), lw=1)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        if offset and any(r["stage"] == 2 for r in rows):
-            ax.axvline(offset, color="grey", ls="--", lw=0.8)
+    panels = [[(k, k) for k in ("loss", "global", "dense", "sparse")],
+              [("retrieval", "held-out RGB -> depth top-1"), ("cos_rgb", "global cosine between samples"),
+               ("dense_acc", "dense match: same person vs other person"), ("conv_cos_rgb", "conv cosine to start"),
+               ("conv_norm_rgb", "conv weight norm")]]
+    companions = {"cos_rgb": ("cos_depth", "cos_keypoints"), "dense_acc": ("dense_acc_other",),
+                  "conv_cos_rgb": ("conv_cos_depth",), "conv_norm_rgb": ("conv_norm_depth",)}
+    panels = [[(k, t) for k, t in row if any(k in r for r in rows)] for row in panels]
+    panels = [row for row in panels if row]
+    width = max(len(row) for row in panels)
+    fig = Figure(figsize=(4 * width, 3 * len(panels)))
+    axes = fig.subplots(len(panels), width, squeeze=False)
+    for ax_row, row in zip(axes, panels):
+        for ax, (key, title) in zip(ax_row, row):
+            for k in (key, *companions.get(key, ())):
+                pts = [(xi, r[k]) for xi, r in zip(x, rows) if k in r]
+                if pts:
+                    ax.plot(*zip(*pts), lw=1, marker="." if key != k or key in companions or key == "retrieval"
+                            else None, label=k)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+            if key in companions:
+                ax.legend(fontsize=7)
+            if offset and any(r["stage"] == 2 for r in rows):
+                ax.axvline(offset, color="grey", ls="--", lw=0.8)
+        for ax in ax_row[len(row):]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=90)
 
@@ -190,7 +234,8 @@ def plot_log(out):
 def model_config(cfg, stage, bank_size):
     return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
                         targets="global" if stage == 1 else cfg.targets, num_negatives=cfg.num_negatives,
-                        dense_points=cfg.dense_points, bank_size=bank_size)
+                        dense_points=cfg.dense_points, bank_size=bank_size, tau=cfg.tau, init=cfg.init,
+                        global_loss=cfg.global_loss)
 
 
 def to_device(batch, device):
@@ -208,6 +253,56 @@ def gather_all(t):
     return torch.cat(parts).to(t.dtype)
 
 
+# -------------------------------------------------------------------------------------------------------- monitors
+def conv_weights(model):
+    """{modality: [conv weight, ...]} of the RGB and depth HRNets (detached copies)."""
+    return {m: [p.detach().clone() for p in model.encoders[m].parameters() if p.dim() == 4]
+            for m in ("rgb", "depth") if isinstance(model.encoders[m], HRNet)}
+
+
+@torch.no_grad()
+def monitors(model, batch, initial, points=32):
+    """Label-free measurements of what pre-training learned, on the fixed held-out batch (eval mode):
+    retrieval   RGB -> depth top-1 of the global embeddings among the held-out samples (chance 1 / samples)
+    cos_<m>     mean cosine between the global embeddings of different samples (1 = collapsed to one point)
+    dense_acc   share of `points` person cells per image whose RGB dense embedding's nearest depth embedding, among
+                the same cells, is its own cell (chance about 1 / points)
+    dense_acc_other   the same with the depth of ANOTHER held-out person, at cells both people cover: a code of
+                pixel position alone scores as high here as in dense_acc; content scores near chance
+    conv_norm_<m>, conv_cos_<m>   mean norm of the HRNet's convolutions, and mean cosine to `initial` (the stage's
+                starting weights): a cosine near 0 with a huge norm is the frozen-backbone failure"""
+    was_training = model.training
+    model.eval()
+    emb = [model.embed({k: ({m: p[i:i + 64] for m, p in v.items()} if isinstance(v, dict) else v[i:i + 64])
+                        for k, v in batch.items()}) for i in range(0, len(batch["index"]), 64)]
+    g = {m: torch.cat([e["global"][m] for e in emb]) for m in emb[0]["global"]}
+    dense = {m: torch.cat([e["dense"][m] for e in emb]) for m in ("rgb", "depth")}  # [B, D, h, w]
+    out = {}
+    sim = g["rgb"] @ g["depth"].T  # [B, B]
+    out["retrieval"] = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean().item()
+    for m, f in g.items():
+        c = f @ f.T
+        out[f"cos_{m}"] = ((c.sum() - c.diagonal().sum()) / (len(c) * (len(c) - 1))).item()
+    gen = torch.Generator(device=sim.device).manual_seed(0)  # the same cells every time, the global RNG untouched
+    B, D, h, w = dense["rgb"].shape
+    person = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(h, w)).flatten(1) > 0
+    other = person.roll(1, 0)  # the next person's cells, and their depth embeddings below
+    for key, depth, where in (("dense_acc", dense["depth"], person),
+                              ("dense_acc_other", dense["depth"].roll(1, 0), person & other)):
+        keep = where.sum(1) > 0
+        idx = torch.multinomial(where[keep].float(), points, replacement=True, generator=gen)  # [b, N]
+        pick = lambda f: torch.gather(f[keep].flatten(2), 2, idx[:, None].expand(-1, D, -1))  # noqa: E731 [b, D, N]
+        nearest = torch.einsum("bdi,bdj->bij", pick(dense["rgb"]), pick(depth)).argmax(-1)  # [b, N]
+        out[key] = (torch.gather(idx, 1, nearest) == idx).float().mean().item()  # a repeat of the cell counts
+    for m, weights in initial.items():
+        now = [p for p in model.encoders[m].parameters() if p.dim() == 4]
+        out[f"conv_norm_{m}"] = sum(p.norm().item() for p in now) / len(now)
+        out[f"conv_cos_{m}"] = sum(F.cosine_similarity(p.flatten(), p0.flatten(), dim=0).item()
+                                   for p, p0 in zip(now, weights)) / len(now)
+    model.train(was_training)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     """Train one stage; returns the path of its finished checkpoint."""
     out, device = cfg.out, torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
@@ -216,7 +311,16 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     total = cfg.steps or cfg.epochs * steps_per_epoch
 
     model = HCMoCo(model_config(cfg, stage, len(dataset))).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4) if cfg.optimizer == "sgd"
+                 else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
+    if stage == 2:
+        first = torch.load(os.path.join(out, "stage1.pt"), map_location=device, weights_only=False)
+        model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
+    elif cfg.backbone_init:  # stage 1 starts both HRNets from the same weights, as the published scripts do
+        for m in ("rgb", "depth"):
+            report = model.encoders[m].load_pretrained(cfg.backbone_init)
+            log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
+    initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = 0
     if cfg.resume and os.path.exists(path):
         ckpt = torch.load(path, map_location=device, weights_only=False)
@@ -225,13 +329,6 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["step"]
         log(f"stage {stage}: resuming {path} at step {start}")
-    elif stage == 2:
-        first = torch.load(os.path.join(out, "stage1.pt"), map_location=device, weights_only=False)
-        model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
-    elif cfg.backbone_init:  # stage 1 starts both HRNets from the same weights, as the published scripts do
-        for m in ("rgb", "depth"):
-            report = model.encoders[m].load_pretrained(cfg.backbone_init)
-            log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -259,13 +356,21 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         rows = [r for r in read_log(out) if r["stage"] < stage or (r["stage"] == stage and r["step"] < start)]
         with open(os.path.join(out, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        heldout = to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
+
+    def write_row(row):
+        if rank == 0:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(dict(stage=stage, **row)) + "\n")
+
     bar = tqdm(total=total, initial=start, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
     model.train()
     t0 = time.time()
     for step, batch in zip(range(start, total), loader):
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        measured = monitors(model, heldout, initial) if rank == 0 and step % cfg.eval_every == 0 else {}
         batch = to_device(batch, device)
         if device.type == "cuda":
             batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
@@ -279,16 +384,15 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         loss.backward()
         optimizer.step()
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total - 1:
+        if step % cfg.log_every == 0 or step == total - 1 or measured:
             values = {k: round(v.item(), 4) for k, v in terms.items()}
             bar.set_postfix(values)
-            if rank == 0:
-                with open(os.path.join(out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(stage=stage, step=step, lr=lr, time=round(time.time() - t0, 2),
-                                            **values)) + "\n")
+            write_row(dict(step=step, lr=lr, time=round(time.time() - t0, 2), **values, **measured))
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save(step + 1, done=False)
     bar.close()
+    if rank == 0:  # after the last update
+        write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
     save(total, done=True)
     if rank == 0:
         plot_log(out)

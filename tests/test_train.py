@@ -13,7 +13,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
-        "--workers", "0", "--preset", "cpu", "--log-every", "1"]
+        "--workers", "0", "--preset", "cpu", "--log-every", "1", "--heldout", "8", "--warmup", "0"]
 
 
 def run(tmp_path, *args):
@@ -33,17 +33,23 @@ def test_help_lists_the_options():
 
 
 def test_two_stages_chain_and_log(tmp_path, capsys):
-    run(tmp_path, "--stage", "1", "--steps", "3")
+    run(tmp_path, "--stage", "1", "--steps", "3", "--global-loss", "bank")
     s1 = weights(tmp_path / "stage1.pt")
     # a vanishing learning rate leaves stage 2's weights where stage 1 left them
-    run(tmp_path, "--stage", "2", "--steps", "2", "--lr", "1e-30")
+    run(tmp_path, "--stage", "2", "--steps", "2", "--lr", "1e-30", "--global-loss", "bank")
     assert "reusing the finished" in capsys.readouterr().out
     s2 = weights(tmp_path / "stage2.pt")
     for k in ("encoders.rgb.conv1.weight", "encoders.keypoints.input.gconv.W", "global_mappers.depth.weight"):
         torch.testing.assert_close(s2[k], s1[k])
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
-    assert {"loss", "global", "dense", "sparse"} <= set(rows[-1]) and "dense" not in rows[0]
+    # a row per step, and the monitors before the first update and after the last one (step = total)
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert {"loss", "global", "dense", "sparse"} <= set(rows[-2]) and "dense" not in rows[0]
+    monitors = {"retrieval", "cos_rgb", "cos_depth", "cos_keypoints", "dense_acc", "dense_acc_other",
+                "conv_norm_rgb", "conv_cos_rgb", "conv_norm_depth", "conv_cos_depth"}
+    assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 6)) and not monitors & set(rows[1])
+    assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
+    assert rows[4]["conv_cos_depth"] == 1.0 and rows[6]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
     assert (tmp_path / "loss.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "stage2.pt", weights_only=False)
     assert ckpt["done"] and ckpt["step"] == 2 and ckpt["config"]["model"]["targets"] == "global+soft+sparse"
@@ -74,7 +80,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3]
+    assert steps == [0, 1, 2, 3, 4]  # 4: the monitors after the last update
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -158,3 +164,35 @@ def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, c
         assert not torch.equal(s1[f"encoders.{m}.conv1.weight"], official.conv1.weight)
     with pytest.raises(SystemExit):
         train.parse_args(["--backbone-init", str(tmp_path / "missing.pth")])
+
+
+class CodeModel(torch.nn.Module):
+    """A stand-in for HCMoCo whose embeddings are given: what the monitors should read from them is known."""
+
+    def __init__(self, global_rgb, global_depth, dense_rgb, dense_depth):
+        super().__init__()
+        self.g, self.d = (global_rgb, global_depth), (dense_rgb, dense_depth)
+        self.encoders = {}
+
+    def embed(self, batch):
+        rows = batch["index"]
+        return {"global": {"rgb": self.g[0][rows], "depth": self.g[1][rows], "keypoints": self.g[0][rows]},
+                "dense": {"rgb": self.d[0][rows], "depth": self.d[1][rows]}}
+
+
+def test_monitors_tell_content_from_position():
+    """Held-out retrieval, embedding collapse and the dense positional control, on embeddings made to order: a
+    code of pixel position alone matches as well across people as within one; a code of content does not."""
+    B, D, h, w = 8, 32, 6, 6
+    batch = {"index": torch.arange(B), "mask": torch.ones(B, 24, 24, dtype=torch.bool),
+             "depth": torch.ones(B, 1, 24, 24), "present": {m: torch.ones(B, dtype=torch.bool) for m in hcmoco.MODALITIES}}
+    g = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
+    position = torch.nn.functional.normalize(torch.randn(D, h, w), dim=0).expand(B, D, h, w)  # the same in everyone
+    content = torch.nn.functional.normalize(torch.randn(B, D, h, w), dim=1)  # shared by both modalities of a person
+    pos = train.monitors(CodeModel(g, g, position, position), batch, {})
+    assert pos["retrieval"] == 1.0 and pos["dense_acc"] == 1.0 and pos["dense_acc_other"] == 1.0
+    assert abs(pos["cos_rgb"] - float((g @ g.T).sum() - B) / (B * (B - 1))) < 1e-4
+    con = train.monitors(CodeModel(g, g.roll(1, 0), content, content), batch, {})
+    assert con["retrieval"] == 0.0 and con["dense_acc"] == 1.0 and con["dense_acc_other"] < 0.2
+    collapsed = train.monitors(CodeModel(g[:1].expand(B, D), g, content, content), batch, {})
+    assert collapsed["cos_rgb"] > 0.999
