@@ -23,6 +23,7 @@ Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or 
 HRNet state_dict (e.g. ImageNet weights).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -43,7 +44,11 @@ from encoders import HRNet, merge_maps
 from hcmoco import HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
-TASKS = ("rgb-parsing", "depth-parsing", "depth-pose", "dense-pose", "cross-modal", "missing-modal")
+KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv", "joints3d", "intrinsics", "present",
+        "index")  # what a labelled synthetic item carries
+TASKS = ("rgb-parsing", "depth-parsing", "depth-pose", "dense-pose", "cross-modal", "missing-modal", "rgb-probe",
+         "depth-probe")
+PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 TRAIN_SEED, TEST_SEED = 100, 200
 
 
@@ -51,18 +56,20 @@ TRAIN_SEED, TEST_SEED = 100, 200
 class Config:
     task: str = "rgb-parsing"
     init: str = "scratch"
+    scratch_init: str = "he"  # the HRNet init of a scratch backbone: he | official (std 0.001)
     ratio: float = 1.0
+    subset: int = 0  # which labelled subset at --ratio: 0 uniformly spaced (the paper's), s > 0 random, seeded by s
     source: str = "rgb"  # cross-modal
     target: str = "depth"  # cross-modal
     contrast: str = "auto"  # cross/missing-modal: none | global | full | auto (the checkpoint's targets)
     out: str = "runs/finetune"
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
     image_size: int = 96
     train_samples: int = 400
-    test_samples: int = 100
+    test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
     h36m_root: str = ""
     ntu_parsing_root: str = ""
     device: str = "auto"
@@ -79,10 +86,14 @@ def parse_args(argv=None):
         parser.error(f"--task must be one of {TASKS}")
     if not 0 < cfg.ratio <= 1:
         parser.error("--ratio must be in (0, 1]")
-    if cfg.init != "scratch" and not os.path.exists(cfg.init):
+    if cfg.init not in ("scratch", "pixels") and not os.path.exists(cfg.init):
         parser.error(f"--init: {cfg.init} not found (give 'scratch' or a checkpoint)")
+    if cfg.init == "pixels" and not cfg.task.endswith("probe"):
+        parser.error("--init pixels (the probe's control) only goes with --task rgb-probe / depth-probe")
     if {cfg.source, cfg.target} != {"rgb", "depth"}:
         parser.error("--source and --target must be rgb and depth, one each")
+    if cfg.scratch_init not in ("he", "official"):
+        parser.error("--scratch-init must be he or official")
     if cfg.contrast not in ("auto", "none", "global", "full"):
         parser.error("--contrast must be auto, none, global or full")
     return cfg
@@ -182,6 +193,13 @@ class DensePoseHead(nn.Module):
         return out[:, :NUM_CLASSES], out[:, NUM_CLASSES:].sigmoid()
 
 
+def scratch_config(cfg):
+    """The model configuration of a scratch init: the CPU preset's, with the --scratch-init HRNet init."""
+    preset = train.PRESETS["cpu"]
+    return HCMoCoConfig(init=cfg.scratch_init, bank_size=preset["synthetic_samples"],
+                        num_negatives=preset["num_negatives"])
+
+
 def load_backbone(init, modality, default_cfg):
     """(backbone, report). scratch: a fresh HRNet of `default_cfg`; a train.py checkpoint: its
     encoders.<modality> weights in an HRNet of the checkpoint's config; anything else: an external HRNet
@@ -209,7 +227,7 @@ class Finetuner(nn.Module):
         super().__init__()
         self.task = cfg.task
         self.modality = "depth" if cfg.task.startswith("depth") else "rgb"
-        self.backbone, self.report = load_backbone(cfg.init, self.modality, HCMoCoConfig())
+        self.backbone, self.report = load_backbone(cfg.init, self.modality, scratch_config(cfg))
         C = sum(self.backbone.out_channels)
         self.head = (PoseHead(C) if cfg.task == "depth-pose" else DensePoseHead(C) if cfg.task == "dense-pose"
                      else SegHead(C, NUM_CLASSES))
@@ -244,8 +262,7 @@ class Versatile(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.init == "scratch":
-            self.hcmoco = HCMoCo(HCMoCoConfig(bank_size=train.PRESETS["cpu"]["synthetic_samples"],
-                                              num_negatives=train.PRESETS["cpu"]["num_negatives"]))
+            self.hcmoco = HCMoCo(scratch_config(cfg))
         else:
             self.hcmoco = HCMoCo.from_checkpoint(cfg.init)
         contrast = cfg.contrast if cfg.contrast != "auto" else ("none" if cfg.init == "scratch" else "ckpt")
@@ -265,10 +282,13 @@ class Versatile(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def subset_indices(n, ratio):
-    """A uniformly spaced subset of round(ratio * n) indices (at least one): round(linspace(0, n - 1, k))."""
+def subset_indices(n, ratio, subset=0):
+    """round(ratio * n) indices (at least one): subset 0 is uniformly spaced, round(linspace(0, n - 1, k)), as the
+    paper takes its label ratios; subset s > 0 is a sorted uniform random draw seeded by s, for repeated runs."""
     k = max(1, round(ratio * n))
-    return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int)).tolist()
+    if subset == 0:
+        return np.unique(np.round(np.linspace(0, n - 1, k)).astype(int)).tolist()
+    return sorted(np.random.default_rng(subset).choice(n, size=k, replace=False).tolist())
 
 
 class LabelledView(torch.utils.data.Dataset):
@@ -296,8 +316,22 @@ def datasets(cfg):
         return data.Human36MParts(cfg.h36m_root, "train"), data.Human36MParts(cfg.h36m_root, "test")
     if cfg.ntu_parsing_root and cfg.task in ("rgb-parsing", "depth-parsing", "cross-modal", "missing-modal"):
         return data.NTURGBDParsing(cfg.ntu_parsing_root, "train"), data.NTURGBDParsing(cfg.ntu_parsing_root, "test")
-    make = lambda n, seed: synthetic.SyntheticHumans(n, cfg.image_size, seed=seed, domain="indoor")  # noqa: E731
-    return make(cfg.train_samples, TRAIN_SEED), make(cfg.test_samples, TEST_SEED)
+    return (labelled_people(cfg.train_samples, cfg.image_size, TRAIN_SEED),
+            labelled_people(cfg.test_samples, cfg.image_size, TEST_SEED))
+
+
+@functools.lru_cache(maxsize=4)
+def labelled_people(n, image_size, seed):
+    """n labelled synthetic people, rendered once per process: the experiment runner's many runs share them."""
+    return data.Cached(synthetic.SyntheticHumans(n, image_size, seed=seed, domain="indoor"), KEYS)
+
+
+@functools.lru_cache(maxsize=2)
+def unlabelled_pairs(image_size, n):
+    """The pre-training set (train.build_dataset, CPU preset, n samples, augmented), built once per process: the
+    unlabelled pairs the versatility tasks keep training the contrastive targets on."""
+    return train.build_dataset(train.resolve(train.Config(image_size=image_size, device="cpu", synthetic_samples=n,
+                                                          preset="cpu")))
 
 
 def loader(dataset, cfg, train_mode, steps=None):
@@ -322,8 +356,10 @@ def run(cfg):
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           cfg.device.replace("auto", "cpu"))
     torch.manual_seed(cfg.seed)
+    if cfg.task.endswith("probe"):
+        return write_metrics(run_probe(cfg, device), cfg)
     train_set, test_set = datasets(cfg)
-    keep = subset_indices(len(train_set), cfg.ratio)
+    keep = subset_indices(len(train_set), cfg.ratio, cfg.subset)
     train_set = torch.utils.data.Subset(train_set, keep)
     versatile = cfg.task in ("cross-modal", "missing-modal")
     if versatile:
@@ -331,9 +367,7 @@ def run(cfg):
         sources = [cfg.source] if cfg.task == "cross-modal" else ["rgb", "depth"]
         train_set = LabelledView(train_set, keep=sources)
         # the unlabelled pairs are the pre-training set, whose ids the checkpoint's memory bank is indexed by
-        pairs = train.build_dataset(train.resolve(train.Config(image_size=cfg.image_size, device="cpu",
-                                                               synthetic_samples=model.hcmoco.cfg.bank_size)))
-        unlabelled = iter(train_loader_unlabelled(pairs, cfg))
+        unlabelled = iter(train_loader_unlabelled(unlabelled_pairs(cfg.image_size, model.hcmoco.cfg.bank_size), cfg))
     else:
         model = Finetuner(cfg).to(device)
     # AdamW rather than SGD: its step does not scale with the gradient, which under BatchNorm is ~1/||w|| and so
@@ -360,9 +394,16 @@ def run(cfg):
     metrics["train_images"] = len(keep)
     os.makedirs(cfg.out, exist_ok=True)
     train.save_atomic(dict(model=model.state_dict(), config=asdict(cfg)), os.path.join(cfg.out, "model.pt"))
+    return write_metrics(metrics, cfg)
+
+
+def write_metrics(metrics, cfg):
+    """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table."""
+    os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(dict(metrics, config=asdict(cfg)), f, indent=1)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if k != "iou"}))
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
+                      if k not in ("iou", "sweep")}))
     return metrics
 
 
@@ -419,89 +460,302 @@ def evaluate(model, test_set, cfg, device):
     return parsing_metrics(cm)
 
 
+# -------------------------------------------------------------------------------------------------- frozen probe
+@torch.no_grad()
+def probe_inputs(features, dataset, cfg, device):
+    """(features [N, C, h, w], labels [N, H, W]) of a dataset, one eval-mode pass without augmentation."""
+    feats, labels = [], []
+    for batch in loader(dataset, cfg, False):
+        batch = train.to_device(batch, device)
+        feats.append(features(batch).cpu())
+        labels.append(batch["parts"].cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+class Probe(nn.Module):
+    """BatchNorm without affine, with the statistics of the training features, then a 1x1 conv to the classes."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.register_buffer("mean", x.mean(dim=(0, 2, 3)))  # [C]
+        self.register_buffer("std", x.std(dim=(0, 2, 3)).clamp(min=1e-6))
+        self.conv = nn.Conv2d(x.shape[1], NUM_CLASSES, 1)
+
+    def forward(self, x):  # [B, C, h, w] -> [B, classes, h, w]
+        return self.conv((x - self.mean[:, None, None]) / self.std[:, None, None])
+
+
+def fit_probe(x, y, lr, steps, seed, pixels=4096):
+    """A Probe on frozen features x [N, C, h, w] against part labels y [N, H, W], trained at the features'
+    resolution (labels nearest-downsampled) on `pixels` random labelled cells per step, with class-balanced
+    cross-entropy (weights 1 / class frequency, normalised to mean 1 over the classes present), AdamW, cosine."""
+    g = torch.Generator().manual_seed(seed)
+    small = F.interpolate(y[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()  # [N, h, w]
+    probe = Probe(x)
+    feats = ((x - probe.mean[:, None, None]) / probe.std[:, None, None]).permute(0, 2, 3, 1).flatten(0, 2)  # [P, C]
+    labels = small.flatten()
+    keep = labels != 255
+    feats, labels = feats[keep], labels[keep]
+    counts = torch.bincount(labels, minlength=NUM_CLASSES).float()
+    weight = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+    weight = weight / weight[counts > 0].mean()
+    optimizer = torch.optim.AdamW(probe.conv.parameters(), lr=lr, weight_decay=1e-4)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        pick = torch.randint(len(feats), (pixels,), generator=g)
+        logits = feats[pick] @ probe.conv.weight[:, :, 0, 0].T + probe.conv.bias  # the 1x1 conv on single cells
+        loss = F.cross_entropy(logits, labels[pick], weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def probe_miou(probe, x, y):
+    """Parsing metrics of a probe on features x, logits upsampled bilinearly to the labels' size, as SegHead's."""
+    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    for i in range(0, len(x), 64):
+        logits = F.interpolate(probe(x[i:i + 64]), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        cm += confusion_matrix(logits.argmax(1), y[i:i + 64])
+    return parsing_metrics(cm)
+
+
+def pixel_features(batch, modality):
+    """The probe's control: pixel (x, y) in [0, 1] and the input itself (RGB; depth_input's first channel),
+    average-pooled to the backbone's 1/4 grid. [B, 5 | 3, H/4, W/4]."""
+    x = batch["rgb"] if modality == "rgb" else depth_input(batch["depth"], batch["mask"][:, None])[:, :1]
+    B, _, H, W = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, H, device=x.device), torch.linspace(0, 1, W, device=x.device),
+                            indexing="ij")
+    return F.avg_pool2d(torch.cat([xs.expand(B, 1, H, W), ys.expand(B, 1, H, W), x], 1), 4)
+
+
+def run_probe(cfg, device):
+    """A frozen linear probe of the backbone's merged 1/4 map (or of pixel_features for --init pixels): the
+    learning rate is chosen among PROBE_LRS on a fifth of the labelled images held out, then the probe is
+    retrained on all of them and tested."""
+    modality = "rgb" if cfg.task == "rgb-probe" else "depth"
+    train_set, test_set = datasets(cfg)
+    train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), cfg.ratio, cfg.subset))
+    if cfg.init == "pixels":
+        features = lambda batch: pixel_features(batch, modality)  # noqa: E731
+    else:
+        backbone = load_backbone(cfg.init, modality, scratch_config(cfg))[0].to(device).eval()
+        features = lambda batch: merge_maps(backbone(  # noqa: E731
+            batch["rgb"] if modality == "rgb" else depth_input(batch["depth"], batch["mask"][:, None])))
+    x, y = probe_inputs(features, train_set, cfg, device)
+    n_val = max(1, len(x) // 5)
+    sweep = {lr: probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
+             for lr in PROBE_LRS}
+    lr = max(sweep, key=sweep.get)
+    metrics = probe_miou(fit_probe(x, y, lr, cfg.steps, cfg.seed), *probe_inputs(features, test_set, cfg, device))
+    return dict(metrics, lr=lr, sweep={str(k): round(v, 2) for k, v in sweep.items()})
+
+
 # --------------------------------------------------------------------------------------------------- experiments
+ARMS = ("scratch", "CMC", "HCMoCo")  # Table 2's inits
+LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
+LOW, HIGH = 0.05, 1.0  # the label ratios
+
+
 def experiments(argv):
-    """The paper's comparisons on the synthetic benchmark, resumable: a finished pre-training stage or a fine-tuning
-    run with a metrics.json is not redone.
-    Pre-training: one stage 1 (= the CMC model), then four stage-2 runs, one per row of Table 3. Then
-    scratch / CMC / HCMoCo on rgb- and depth-parsing at two label ratios, the Table-3 ladder on depth-parsing at
-    the low ratio, cross-modal supervision both ways and missing-modality inference (Tables 6-7)."""
+    """The paper's comparisons on the synthetic benchmark, with repeats and intervals; resumable (a finished
+    pre-training stage or a run with a metrics.json is not redone).
+
+    Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it.
+    Fine-tuning, all tested on the same 500 images:
+      Table 2   scratch / CMC / HCMoCo on RGB and depth parsing; at 5 % labels every arm runs on the same 3 label
+                subsets x 2 seeds, so each HCMoCo run has a scratch and a CMC twin; at 100 % labels one seed
+      curves    scratch and HCMoCo at 5 % labels after 100 and 600 fine-tuning steps (the tables use 300)
+      probes    frozen linear probes (rgb-probe, depth-probe) of CMC, HCMoCo, a random network with the same init
+                and pixel (x, y) + input
+      Table 3   the ladder of targets on depth parsing at 5 % labels (the 3 subsets, seed 0)
+      Tables 6-7   cross-modal supervision both ways and missing-modality inference
+    Jobs run `--jobs` at a time, each on its share of the cores. results.json holds every run and the summary;
+    results.md the tables: means, and paired gains with a bootstrap 95 % interval and the win rate."""
     parser = argparse.ArgumentParser(prog="finetune.py experiments")
     parser.add_argument("--out", default="runs/experiments")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs threads")
     args = parser.parse_args(argv)
     quick = args.quick
-    pre_steps = ["--steps", "4"] if quick else []
-    tiny = ["--image-size", "48", "--synthetic-samples", "64", "--batch-size", "8"] if quick else []
+    subsets, seeds, budgets = ((1,), (0,), (2,)) if quick else ((1, 2, 3), (0, 1), (100, 600))
+    small = ["--steps", "4", "--image-size", "48", "--synthetic-samples", "64", "--batch-size", "8",
+             "--heldout", "8"] if quick else []
     pre = os.path.join(args.out, "pretrain")
-    rows = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}
     first = os.path.join(pre, "full")
     # --resume: a finished stage is not trained again, a killed one continues
-    train.main(["--stage", "1", "--out", first, "--workers", str(args.workers), "--resume", *pre_steps, *tiny])
-    for name, targets in rows.items():
+    run_jobs([("train", ["--stage", "1", "--out", first, "--resume", "--workers", "0", *small])], 1)
+    stage2 = []
+    for name, targets in LADDER.items():
         out = os.path.join(pre, name)
         os.makedirs(out, exist_ok=True)
         if out != first and not os.path.exists(os.path.join(out, "stage1.pt")):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
-        train.main(["--stage", "2", "--targets", targets, "--out", out, "--workers", str(args.workers), "--resume",
-                    *pre_steps, *tiny])
+        stage2.append(("train", ["--stage", "2", "--targets", targets, "--out", out, "--resume", "--workers", "0",
+                                 *small]))
+    run_jobs(stage2, args.jobs)
     inits = {"scratch": "scratch", "CMC": os.path.join(first, "stage1.pt"),
              "HCMoCo": os.path.join(pre, "full", "stage2.pt")}
-    ft = ["--steps", "3", "--train-samples", "16", "--test-samples", "8", "--image-size", "48", "--batch-size", "8"] \
-        if quick else []
-    low, high = 0.05, 1.0
-    results = {}
+    same_init = torch.load(inits["CMC"], map_location="cpu", weights_only=False)["config"]["model"]["init"]
+    ft = ["--steps", "3", "--train-samples", "16", "--test-samples", "8", "--image-size", "48"] if quick else []
+    keys, jobs = [], []
 
     def job(key, **kw):
+        keys.append(key)
         out = os.path.join(args.out, key)
-        path = os.path.join(out, "metrics.json")
-        if not os.path.exists(path):
-            argv = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()] + ["--out", out, "--workers",
-                                                                               str(args.workers), *ft]
-            run(parse_args(argv))
-        with open(path) as f:
-            results[key] = {k: v for k, v in json.load(f).items() if k not in ("config", "iou")}
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+            jobs.append(("finetune", flags + ["--out", out, "--workers", "0", *ft]))
 
+    grid = [(s, seed) for s in subsets for seed in seeds]
     for task in ("rgb-parsing", "depth-parsing"):
-        for ratio in (low, high):
-            for name, init in inits.items():
-                job(f"{task}/{name}/ratio{ratio}", task=task, init=init, ratio=ratio)
-    for name in rows:
-        job(f"ablation/{name}", task="depth-parsing", init=os.path.join(pre, name, "stage2.pt"), ratio=low)
-    for name, init, contrast in (("none", "scratch", "none"), ("CMC", inits["CMC"], "global"),
-                                 ("HCMoCo", inits["HCMoCo"], "full")):
+        for arm in ARMS:
+            for s, seed in grid:
+                job(f"{task}/{arm}/low/subset{s}-seed{seed}", task=task, init=inits[arm], ratio=LOW, subset=s, seed=seed)
+            job(f"{task}/{arm}/high/seed{seeds[0]}", task=task, init=inits[arm], ratio=HIGH, seed=seeds[0])
+        for arm in ("scratch", "HCMoCo"):
+            for steps in budgets:
+                job(f"{task}/{arm}/low/subset{subsets[0]}-seed{seeds[0]}/steps{steps}", task=task, init=inits[arm],
+                    ratio=LOW, subset=subsets[0], seed=seeds[0], steps=steps)
+    for modality in ("rgb", "depth"):
+        for arm, init in (("random", "scratch"), ("pixels", "pixels"), ("CMC", inits["CMC"]),
+                          ("HCMoCo", inits["HCMoCo"])):
+            job(f"probe/{modality}/{arm}", task=f"{modality}-probe", init=init, scratch_init=same_init)
+    for name in ("global", "hard", "soft"):
+        for s in subsets:
+            job(f"ablation/{name}/subset{s}-seed{seeds[0]}", task="depth-parsing",
+                init=os.path.join(pre, name, "stage2.pt"), ratio=LOW, subset=s, seed=seeds[0])
+    for arm, init, contrast in (("none", "scratch", "none"), ("CMC", inits["CMC"], "global"),
+                                ("HCMoCo", inits["HCMoCo"], "full")):
         for source, target in (("rgb", "depth"), ("depth", "rgb")):
-            job(f"cross-modal/{source}-to-{target}/{name}", task="cross-modal", init=init, source=source,
-                target=target, contrast=contrast)
-        job(f"missing-modal/{name}", task="missing-modal", init=init, contrast=contrast)
+            job(f"cross-modal/{source}-to-{target}/{arm}/seed{seeds[0]}", task="cross-modal", init=init,
+                source=source, target=target, contrast=contrast, seed=seeds[0])
+        job(f"missing-modal/{arm}/seed{seeds[0]}", task="missing-modal", init=init, contrast=contrast, seed=seeds[0])
+    run_jobs(jobs, args.jobs)
+    runs = {}
+    for key in keys:
+        with open(os.path.join(args.out, key, "metrics.json")) as f:
+            runs[key] = {k: v for k, v in json.load(f).items() if k not in ("config", "iou", "sweep")}
+    summary = summarise(runs, subsets, seeds, budgets, 3 if quick else Config.steps)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = results_markdown(results, low, high)
+        json.dump(dict(runs=runs, summary=summary), f, indent=1)
+    table = results_markdown(summary)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     print(table)
 
 
-def results_markdown(r, low, high):
-    """The measured tables in the shapes of the paper's Tables 2-3 and 6-7."""
+def run_jobs(jobs, n):
+    """Run ('train' | 'finetune', argv) jobs, n at a time in fresh processes that share the cores (their
+    progress bars off when n > 1); a line per finished job."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    if n == 1:
+        for k, job in enumerate(jobs, 1):
+            run_job(job, threads, quiet=False)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        for k, (kind, argv) in enumerate(pool.imap_unordered(functools.partial(run_job, threads=threads, quiet=True),
+                                                             jobs), 1):
+            print(f"[{k}/{len(jobs)}] {kind} {argv[argv.index('--out') + 1]}", flush=True)
+
+
+def run_job(job, threads, quiet):
+    """One experiment job in this process: train.main or a fine-tuning run, on `threads` threads."""
+    kind, argv = job
+    torch.set_num_threads(threads)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    if kind == "train":
+        train.main(argv)
+    else:
+        run(parse_args(argv))
+    return job
+
+
+def paired_gain(a, b, resamples=10_000, seed=0):
+    """Mean of the paired differences a - b, its bootstrap 95 % interval (percentiles of the means of
+    `resamples` resamples of the pairs) and the win rate (share of pairs with a > b)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    means = np.random.default_rng(seed).choice(d, size=(resamples, len(d))).mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), wins=float((d > 0).mean()), n=len(d))
+
+
+def summarise(runs, subsets, seeds, budgets, main_steps):
+    """The tables' numbers from the runs: means over repeats, and paired gains at 5 % labels (main_steps: the
+    fine-tuning budget of the main runs)."""
+    low = [f"subset{s}-seed{seed}" for s in subsets for seed in seeds]
+    one = f"subset{subsets[0]}-seed{seeds[0]}"  # the curves' run
+    out = {"table2": {}, "gains": {}, "curves": {}, "probes": {}, "ladder": {}, "versatility": {}}
+    for task in ("rgb-parsing", "depth-parsing"):
+        miou = {arm: [runs[f"{task}/{arm}/low/{k}"]["miou"] for k in low] for arm in ARMS}
+        for arm in ARMS:
+            out["table2"][f"{task}/{arm}"] = {"low": float(np.mean(miou[arm])), "low_sd": float(np.std(miou[arm])),
+                                              "high": runs[f"{task}/{arm}/high/seed{seeds[0]}"]["miou"]}
+        for a, b in (("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("CMC", "scratch")):
+            out["gains"][f"{task}/{a}-{b}"] = paired_gain(miou[a], miou[b])
+        for arm in ("scratch", "HCMoCo"):
+            for steps in budgets:
+                out["curves"][f"{task}/{arm}/{steps}"] = runs[f"{task}/{arm}/low/{one}/steps{steps}"]["miou"]
+            out["curves"][f"{task}/{arm}/{main_steps}"] = runs[f"{task}/{arm}/low/{one}"]["miou"]
+    for key, r in runs.items():
+        if key.startswith("probe/"):
+            out["probes"][key[len("probe/"):]] = r["miou"]
+    for name in ("global", "hard", "soft"):
+        out["ladder"][name] = float(np.mean([runs[f"ablation/{name}/subset{s}-seed{seeds[0]}"]["miou"]
+                                             for s in subsets]))
+    out["ladder"]["full"] = float(np.mean([runs[f"depth-parsing/HCMoCo/low/subset{s}-seed{seeds[0]}"]["miou"]
+                                           for s in subsets]))
+    for arm in ("none", "CMC", "HCMoCo"):
+        mm = runs[f"missing-modal/{arm}/seed{seeds[0]}"]
+        out["versatility"][arm] = {"rgb_to_depth": runs[f"cross-modal/rgb-to-depth/{arm}/seed{seeds[0]}"]["depth_miou"],
+                                   "depth_to_rgb": runs[f"cross-modal/depth-to-rgb/{arm}/seed{seeds[0]}"]["rgb_miou"],
+                                   **{f"missing_{m}": mm[f"{m}_miou"] for m in ("rgb", "depth", "fused")}}
+    return out
+
+
+def results_markdown(s):
+    """The measured tables in the shapes of the paper's Tables 2-3 and 6-7, with the paired gains, the probes and
+    the fine-tuning curves."""
     f = lambda x: f"{x:.1f}"  # noqa: E731
-    lines = [f"| init | RGB parsing mIoU ({low:.0%} labels) | RGB ({high:.0%}) | depth parsing mIoU ({low:.0%}) "
-             f"| depth ({high:.0%}) |", "|---|---|---|---|---|"]
-    for name in ("scratch", "CMC", "HCMoCo"):
-        cells = [f(r[f"{t}/{name}/ratio{q}"]["miou"]) for t in ("rgb-parsing", "depth-parsing") for q in (low, high)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"| Table 3 row (targets) | depth parsing mIoU ({low:.0%} labels) |", "|---|---|"]
+    t2 = s["table2"]
+    lines = [f"| init | RGB parsing mIoU ({LOW:.0%} labels) | RGB ({HIGH:.0%}) | depth parsing mIoU ({LOW:.0%}) "
+             f"| depth ({HIGH:.0%}) |", "|---|---|---|---|---|"]
+    for arm in ARMS:
+        cells = [f"{f(t2[f'{t}/{arm}']['low'])} ± {f(t2[f'{t}/{arm}']['low_sd'])} | {f(t2[f'{t}/{arm}']['high'])}"
+                 for t in ("rgb-parsing", "depth-parsing")]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"| paired gain at {LOW:.0%} labels (mIoU) | RGB parsing: mean [95 % CI], wins | depth parsing |",
+              "|---|---|---|"]
+    for pair in ("HCMoCo-scratch", "HCMoCo-CMC", "CMC-scratch"):
+        cells = [s["gains"][f"{t}/{pair}"] for t in ("rgb-parsing", "depth-parsing")]
+        lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(
+            f"{g['mean']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}], {round(g['wins'] * g['n'])}/{g['n']}" for g in cells)
+            + " |")
+    budgets = sorted({int(k.rsplit("/", 1)[1]) for k in s["curves"]})
+    lines += ["", f"| fine-tuning steps ({LOW:.0%} labels) | " + " | ".join(
+        f"{t} {arm}" for t in ("RGB", "depth") for arm in ("scratch", "HCMoCo")) + " |", "|---" * 5 + "|"]
+    for steps in budgets:
+        lines.append(f"| {steps} | " + " | ".join(f(s["curves"][f"{t}/{arm}/{steps}"]) for t in ("rgb-parsing",
+                     "depth-parsing") for arm in ("scratch", "HCMoCo")) + " |")
+    p = s["probes"]
+    lines += ["", "| frozen linear probe (all labels) | RGB mIoU | depth mIoU |", "|---|---|---|"]
+    for arm, label in (("pixels", "pixel (x, y) + input"), ("random", "random network, same init"), ("CMC", "CMC"),
+                       ("HCMoCo", "HCMoCo")):
+        lines.append(f"| {label} | {f(p[f'rgb/{arm}'])} | {f(p[f'depth/{arm}'])} |")
+    lines += ["", f"| Table 3 row (targets) | depth parsing mIoU ({LOW:.0%} labels) |", "|---|---|"]
     for name, label in (("global", "sample-level (CMC)"), ("hard", "+ dense, hard (InfoNCE)"),
                         ("soft", "+ dense, soft"), ("full", "+ sparse (HCMoCo)")):
-        lines.append(f"| {label} | {f(r[f'ablation/{name}']['miou'])} |")
+        lines.append(f"| {label} | {f(s['ladder'][name])} |")
     lines += ["", "| contrastive targets | RGB -> depth mIoU | depth -> RGB mIoU | missing-modal: RGB only | depth only "
               "| both |", "|---|---|---|---|---|---|"]
-    for name in ("none", "CMC", "HCMoCo"):
-        mm = r[f"missing-modal/{name}"]
-        lines.append(f"| {name} | {f(r[f'cross-modal/rgb-to-depth/{name}']['depth_miou'])} | "
-                     f"{f(r[f'cross-modal/depth-to-rgb/{name}']['rgb_miou'])} | {f(mm['rgb_miou'])} | "
-                     f"{f(mm['depth_miou'])} | {f(mm['fused_miou'])} |")
+    for arm, v in s["versatility"].items():
+        lines.append(f"| {arm} | {f(v['rgb_to_depth'])} | {f(v['depth_to_rgb'])} | {f(v['missing_rgb'])} | "
+                     f"{f(v['missing_depth'])} | {f(v['missing_fused'])} |")
     return "\n".join(lines) + "\n"
 
 

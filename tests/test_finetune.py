@@ -119,3 +119,37 @@ def test_labelled_view_drops_other_modalities():
     s = synthetic.SyntheticHumans(1, 32)
     view = finetune.LabelledView(s, keep=["depth"])[0]
     assert "rgb" not in view and not view["present"]["rgb"] and "depth" in view and "parts" in view
+
+
+def test_random_label_subsets_are_distinct_repeatable_and_of_the_right_size():
+    a, b = finetune.subset_indices(400, 0.05, 1), finetune.subset_indices(400, 0.05, 2)
+    assert len(a) == len(set(a)) == 20 and a == sorted(a) and a == finetune.subset_indices(400, 0.05, 1) and a != b
+
+
+def test_paired_gain_mean_interval_and_wins():
+    g = finetune.paired_gain([5.0, 6.0, 7.0, 4.0], [4.0, 4.0, 4.0, 5.0])
+    assert g["mean"] == 1.25 and g["wins"] == 0.75 and g["n"] == 4
+    assert -1.0 <= g["lo"] < g["mean"] < g["hi"] <= 3.0  # within the smallest and largest difference
+    same = finetune.paired_gain([1.0, 2.0], [1.0, 2.0])
+    assert same["lo"] == same["hi"] == same["mean"] == 0.0 and same["wins"] == 0.0
+
+
+def test_probe_reads_what_the_features_linearly_hold():
+    """Features that hold the part label (one-hot plus noise) probe to a high mIoU; pure noise does not."""
+    torch.manual_seed(0)
+    y = torch.randint(0, finetune.NUM_CLASSES, (40, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [40, 32, 32]
+    small = y[:, ::4, ::4]
+    onehot = torch.nn.functional.one_hot(small, finetune.NUM_CLASSES).permute(0, 3, 1, 2).float()
+    informative = onehot * 3 + torch.randn(40, finetune.NUM_CLASSES, 8, 8)
+    noise = torch.randn(40, finetune.NUM_CLASSES, 8, 8)
+    good = finetune.probe_miou(finetune.fit_probe(informative[:30], y[:30], 0.1, 200, 0), informative[30:], y[30:])
+    bad = finetune.probe_miou(finetune.fit_probe(noise[:30], y[:30], 0.1, 200, 0), noise[30:], y[30:])
+    assert good["miou"] > 60 and bad["miou"] < 15
+
+
+def test_probe_task_and_its_pixel_control(tmp_path):
+    for init in ("scratch", "pixels"):
+        m = finetune.main(["--task", "depth-probe", "--init", init, "--out", str(tmp_path / init), *TINY])
+        assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])
