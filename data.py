@@ -1,6 +1,6 @@
 """Data: the sample schema, real dataset readers, modality masks, mixing, paired transforms and collate.
 
-Every reader returns the sample dict of DESIGN.md, keypoints in the MPII-16 order:
+Every reader returns the sample dict of docs/conventions.md, keypoints in the MPII-16 order:
     rgb [3,H,W] float in [0, 1] (PairedTransform normalises it), depth [1,H,W] metres (0 = no return),
     keypoints [16,2] pixel (x, y), keypoints_visible [16] bool, optional labels parts [H,W] int64 (0 background,
     1..24 parts, 255 ignore), joints3d [J,3], iuv [3,H,W], mask [H,W] bool, intrinsics [3,3];
@@ -385,9 +385,9 @@ class MixedDataset(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    """Stack samples into the batch dict of DESIGN.md. A modality an item lacks is zero-filled (depth [1,H,W] with
-    an empty person mask, keypoints [16,2] with keypoints_visible False) and present[...] = False, so the losses
-    can mask it. Label keys are kept when every sample has them."""
+    """Stack samples into the batch dict of docs/conventions.md. A modality an item lacks is zero-filled (depth
+    [1,H,W] with an empty person mask, keypoints [16,2] with keypoints_visible False) and present[...] = False, so
+    the losses can mask it. Label keys are kept when every sample has them."""
     H, W = next(s[k] for s in samples for k in ("rgb", "depth") if k in s).shape[-2:]
     blank = {"rgb": torch.zeros(3, H, W), "depth": torch.zeros(1, H, W), "mask": torch.zeros(H, W, dtype=torch.bool),
              "keypoints": torch.zeros(16, 2), "keypoints_visible": torch.zeros(16, dtype=torch.bool)}

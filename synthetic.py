@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-# MPII-16 joint order (../shared/DESIGN.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
+# MPII-16 joint order (docs/conventions.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
 JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
                "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
 FLIP_JOINTS = [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
@@ -445,7 +445,7 @@ class SyntheticHumans(torch.utils.data.Dataset):
 
     domain='indoor': a room with floor, wall and furniture at depth (like NTU RGB+D). domain='wild': 2D cluttered
     backgrounds; with with_depth=False the item has no 'depth' key and present['depth'] is False (like MPII).
-    Items follow the sample dict of DESIGN.md (rgb in [0, 1]) plus mask and intrinsics."""
+    Items follow the sample dict of docs/conventions.md (rgb in [0, 1]) plus mask and intrinsics."""
 
     def __init__(self, num_samples, image_size=128, seed=0, domain="indoor", with_depth=True):
         if domain not in ("indoor", "wild"):

@@ -7,7 +7,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REAL_SAMPLES = ROOT.parent / "shared" / "real-samples"
+REAL_SAMPLES = ROOT / "tests" / "data" / "real-samples"  # a few MPII and COCO files, README.md there
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """data.py: readers on the real samples and on files written here in each official format, mixing and masks,
 paired transforms, bad input."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -11,9 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 
 import data
 import synthetic
-from conftest import REAL_SAMPLES
+from conftest import REAL_SAMPLES, ROOT
 
-needs_real = pytest.mark.skipif(not REAL_SAMPLES.exists(), reason=f"real samples not found at {REAL_SAMPLES}")
 J = synthetic.J
 
 
@@ -28,8 +28,19 @@ def pairwise(kp):
     return torch.cdist(kp, kp)
 
 
+def test_the_project_stands_alone():
+    """A fresh clone has what the tests, notebooks and comments point to: the real samples live in the repository,
+    nothing reads from beside it, and every document a file names exists."""
+    assert ROOT in REAL_SAMPLES.parents and (REAL_SAMPLES / "README.md").exists()
+    files = [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("notebooks/*.ipynb")]
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"\.\./shared|[\"']\.\.[\"'], [\"']shared|parent / [\"']shared", text), path.name
+        for doc in set(re.findall(r"\b(?:docs/[\w/-]+|[A-Z]+)\.md\b", text)):  # not outputs such as results.md
+            assert (ROOT / doc).exists(), f"{path.name} points to {doc}, which is not in the repository"
+
+
 # ------------------------------------------------------------------------------------------------------ MPII
-@needs_real
 def test_mpii_crop_keeps_geometry_and_visibility():
     root = REAL_SAMPLES / "mpii"
     entries = json.loads((root / "annot" / "valid.json").read_text())
@@ -101,7 +112,6 @@ def test_coco_to_mpii_mapping():
     assert vis.sum() == 5  # both shoulders, thorax, left hip, left wrist
 
 
-@needs_real
 def test_coco_real_persons():
     root = REAL_SAMPLES / "coco"
     ann = json.loads((root / "annotations" / "person_keypoints_val2017.json").read_text())
