@@ -12,6 +12,26 @@ import torch.nn.functional as F
 BN_MOMENTUM = 0.1  # as the official HRNet segmentation code
 
 
+# ----------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A file that is not the checkpoint it was given as; the message is one line naming the file."""
+
+
+def load_checkpoint(path, expected="a checkpoint", keys=(), map_location="cpu"):
+    """torch.load of tensors and plain containers only (weights_only=True), so a crafted file cannot run code.
+    A file that cannot be read that way, or that is not a dict holding `keys`, raises CheckpointError saying it
+    is not `expected` (the project's command lines print that line and exit)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a bad file fails in many ways: UnpicklingError, EOFError, KeyError, RuntimeError (zip)
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else "not a PyTorch file of tensors and plain containers"
+        raise CheckpointError(f"{path}: not {expected} ({why})") from e
+    missing = [k for k in keys if not (isinstance(ckpt, dict) and k in ckpt)]
+    if missing:
+        raise CheckpointError(f"{path}: not {expected} (no {', '.join(map(repr, missing))})")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------------------------------------- HRNet
 def conv_bn(cin, cout, kernel, stride=1, relu=True):
     """Conv (no bias) + BN (+ ReLU) as an nn.Sequential, so state_dict keys read `.0.weight`, `.1.weight`."""
@@ -177,10 +197,13 @@ class HRNet(nn.Module):
 
         Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' / 'backbone.' prefixes.
         Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Returns and prints the report
-        {'missing': [...], 'unexpected': [...], 'mismatched': [...]}."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        {'missing': [...], 'unexpected': [...], 'mismatched': [...]}. Any other file raises CheckpointError."""
+        expected = "an HRNet state_dict"
+        state = load_checkpoint(path, expected)
         for key in ("state_dict", "model"):
             state = state.get(key, state) if isinstance(state, dict) else state
+        if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+            raise CheckpointError(f"{path}: not {expected} (no dict of tensors, bare or under 'state_dict' / 'model')")
         own = self.state_dict()
         clean = {}
         for k, v in state.items():

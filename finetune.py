@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import synthetic
 import train
-from encoders import HRNet, merge_maps
+from encoders import CheckpointError, HRNet, load_checkpoint, merge_maps
 from hcmoco import HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
@@ -206,7 +206,7 @@ def load_backbone(init, modality, default_cfg):
     state_dict through HRNet.load_pretrained."""
     if init == "scratch":
         return build_hrnet(default_cfg), {}
-    ckpt = torch.load(init, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(init, "a train.py checkpoint or an HRNet state_dict")
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
         net = build_hrnet(HCMoCoConfig(**ckpt["config"]["model"]))
         prefix = f"encoders.{modality}."
@@ -358,18 +358,16 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.task.endswith("probe"):
         return write_metrics(run_probe(cfg, device), cfg)
+    versatile = cfg.task in ("cross-modal", "missing-modal")
+    model = (Versatile if versatile else Finetuner)(cfg).to(device)  # reads --init before any data is rendered
     train_set, test_set = datasets(cfg)
     keep = subset_indices(len(train_set), cfg.ratio, cfg.subset)
     train_set = torch.utils.data.Subset(train_set, keep)
-    versatile = cfg.task in ("cross-modal", "missing-modal")
     if versatile:
-        model = Versatile(cfg).to(device)
         sources = [cfg.source] if cfg.task == "cross-modal" else ["rgb", "depth"]
         train_set = LabelledView(train_set, keep=sources)
         # the unlabelled pairs are the pre-training set, whose ids the checkpoint's memory bank is indexed by
         unlabelled = iter(train_loader_unlabelled(unlabelled_pairs(cfg.image_size, model.hcmoco.cfg.bank_size), cfg))
-    else:
-        model = Finetuner(cfg).to(device)
     # AdamW rather than SGD: its step does not scale with the gradient, which under BatchNorm is ~1/||w|| and so
     # differs a hundredfold between a scratch backbone (official init, std 0.001) and a pre-trained one (README)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -410,7 +408,7 @@ def write_metrics(metrics, cfg):
 def load_finetuned(out, map_location="cpu"):
     """(model in eval mode, Config) of the run that wrote `out`/model.pt; its --init must still be readable,
     because the backbone is rebuilt from it before the fine-tuned weights replace it."""
-    ckpt = torch.load(os.path.join(out, "model.pt"), map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(os.path.join(out, "model.pt"), "a finetune.py model", ("model", "config"), map_location)
     cfg = Config(**ckpt["config"])
     model = (Versatile if cfg.task in ("cross-modal", "missing-modal") else Finetuner)(cfg)
     model.load_state_dict(ckpt["model"])
@@ -537,14 +535,14 @@ def run_probe(cfg, device):
     learning rate is chosen among PROBE_LRS on a fifth of the labelled images held out, then the probe is
     retrained on all of them and tested."""
     modality = "rgb" if cfg.task == "rgb-probe" else "depth"
-    train_set, test_set = datasets(cfg)
-    train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), cfg.ratio, cfg.subset))
     if cfg.init == "pixels":
         features = lambda batch: pixel_features(batch, modality)  # noqa: E731
     else:
         backbone = load_backbone(cfg.init, modality, scratch_config(cfg))[0].to(device).eval()
         features = lambda batch: merge_maps(backbone(  # noqa: E731
             batch["rgb"] if modality == "rgb" else depth_input(batch["depth"], batch["mask"][:, None])))
+    train_set, test_set = datasets(cfg)
+    train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), cfg.ratio, cfg.subset))
     x, y = probe_inputs(features, train_set, cfg, device)
     n_val = max(1, len(x) // 5)
     sweep = {lr: probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
@@ -599,7 +597,7 @@ def experiments(argv):
     run_jobs(stage2, args.jobs)
     inits = {"scratch": "scratch", "CMC": os.path.join(first, "stage1.pt"),
              "HCMoCo": os.path.join(pre, "full", "stage2.pt")}
-    same_init = torch.load(inits["CMC"], map_location="cpu", weights_only=False)["config"]["model"]["init"]
+    same_init = train.load_stage(inits["CMC"])["config"]["model"]["init"]
     ft = ["--steps", "3", "--train-samples", "16", "--test-samples", "8", "--image-size", "48"] if quick else []
     keys, jobs = [], []
 
@@ -761,9 +759,12 @@ def results_markdown(s):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["experiments"]:
-        return experiments(argv[1:])
-    return run(parse_args(argv))
+    try:
+        if argv[:1] == ["experiments"]:
+            return experiments(argv[1:])
+        return run(parse_args(argv))
+    except CheckpointError as e:  # --init
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

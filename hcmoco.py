@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
-from encoders import HRNet, PointNet2, SemGCN, depth_to_points, merge_maps, pixel_grid, points_to_map
+from encoders import (HRNet, PointNet2, SemGCN, depth_to_points, load_checkpoint, merge_maps, pixel_grid,
+                      points_to_map)
 
 MODALITIES = ("rgb", "depth", "keypoints")
 TARGETS = ("global", "global+hard", "global+soft", "global+soft+sparse")  # the rows of the paper's Table 3
@@ -268,8 +269,9 @@ class HCMoCo(nn.Module):
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """The model saved by train.py at `path`, rebuilt from the checkpoint's config."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        """The model saved by train.py at `path`, rebuilt from the checkpoint's config (CheckpointError if the file
+        is not one)."""
+        ckpt = load_checkpoint(path, "a train.py checkpoint", ("model", "config"), map_location)
         model = cls(HCMoCoConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         return model

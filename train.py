@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from encoders import HRNet
+from encoders import CheckpointError, HRNet, load_checkpoint
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
 
 PRESETS = {
@@ -183,6 +183,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def load_stage(path, map_location="cpu"):
+    """A checkpoint written by run_stage (CheckpointError if the file is not one)."""
+    return load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
+                           map_location)
+
+
 def read_log(out):
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
@@ -314,7 +320,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4) if cfg.optimizer == "sgd"
                  else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
     if stage == 2:
-        first = torch.load(os.path.join(out, "stage1.pt"), map_location=device, weights_only=False)
+        first = load_stage(os.path.join(out, "stage1.pt"), device)
         model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
     elif cfg.backbone_init:  # stage 1 starts both HRNets from the same weights, as the published scripts do
         for m in ("rgb", "depth"):
@@ -323,7 +329,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = 0
     if cfg.resume and os.path.exists(path):
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = load_stage(path, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -417,13 +423,16 @@ def main(argv=None):
     log(f"HCMoCo pre-training: preset {cfg.preset} on {cfg.device} x{world}, {cfg.data} data ({len(dataset)} "
         f"samples), HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}")
     saved = []
-    for stage in range(1, cfg.stage + 1):
-        path = os.path.join(cfg.out, f"stage{stage}.pt")
-        if os.path.exists(path) and torch.load(path, map_location="cpu", weights_only=False)["done"]:
-            log(f"stage {stage}: reusing the finished {path}")
-        else:
-            run_stage(cfg, stage, dataset, rank, world, log)
-        saved.append(path)
+    try:
+        for stage in range(1, cfg.stage + 1):
+            path = os.path.join(cfg.out, f"stage{stage}.pt")
+            if os.path.exists(path) and load_stage(path)["done"]:
+                log(f"stage {stage}: reusing the finished {path}")
+            else:
+                run_stage(cfg, stage, dataset, rank, world, log)
+            saved.append(path)
+    except CheckpointError as e:  # --backbone-init, or a stage file in --out
+        raise SystemExit(f"error: {e}")
     if world > 1:
         dist.destroy_process_group()
     log(f"saved {', '.join(saved)}, log {os.path.join(cfg.out, 'log.jsonl')} and {os.path.join(cfg.out, 'loss.png')}")

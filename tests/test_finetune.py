@@ -1,6 +1,9 @@
 """finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
 and cross-modal training never touches the target modality's labelled images."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import finetune
 import synthetic
 import train
+from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint
 
 TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "32", "--batch-size", "4",
         "--workers", "0"]
@@ -77,7 +81,7 @@ def checkpoint(tmp_path_factory):
 
 def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     net, report = finetune.load_backbone(str(checkpoint), "depth", finetune.HCMoCoConfig())
-    state = torch.load(checkpoint, weights_only=False)["model"]
+    state = torch.load(checkpoint, weights_only=True)["model"]
     torch.testing.assert_close(net.stage4[0].branches[3][0].conv1.weight,
                                state["encoders.depth.stage4.0.branches.3.0.conv1.weight"])
     assert report == {"missing": [], "unexpected": []} and net.out_channels[0] == 4
@@ -89,6 +93,28 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     torch.save(partial, path)
     net, report = finetune.load_backbone(str(path), "rgb", finetune.HCMoCoConfig(width=4))
     assert report["missing"] == ["conv1.weight"]
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+@pytest.mark.parametrize("task", ["rgb-parsing", "cross-modal", "depth-probe"])
+def test_an_init_that_is_not_a_checkpoint_is_one_line_and_runs_no_code(tmp_path, task, kind):
+    bad = tmp_path / "init.pt"
+    ran = write_bad_checkpoint(bad, kind)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", task, "--init", str(bad), "--out", str(tmp_path / "out"), *TINY])
+    message = str(e.value.code)
+    assert message.startswith(f"error: {bad}: not a train.py checkpoint") and "\n" not in message
+    assert not ran.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
+    bad = tmp_path / "init.pt"
+    write_bad_checkpoint(bad, "garbage")
+    result = subprocess.run([sys.executable, "finetune.py", "--init", str(bad), "--out", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: not a train.py checkpoint or an HRNet state_dict "
+                                                  "(not a PyTorch file of tensors and plain containers)"]
 
 
 @pytest.mark.parametrize("source,target", [("rgb", "depth"), ("depth", "rgb")])

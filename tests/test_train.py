@@ -10,6 +10,7 @@ import torch
 
 import hcmoco
 import train
+from conftest import BAD_CHECKPOINTS, write_bad_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
@@ -22,7 +23,7 @@ def run(tmp_path, *args):
 
 
 def weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 def test_help_lists_the_options():
@@ -51,7 +52,7 @@ def test_two_stages_chain_and_log(tmp_path, capsys):
     assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
     assert rows[4]["conv_cos_depth"] == 1.0 and rows[6]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
     assert (tmp_path / "loss.png").stat().st_size > 1000
-    ckpt = torch.load(tmp_path / "stage2.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "stage2.pt", weights_only=True)
     assert ckpt["done"] and ckpt["step"] == 2 and ckpt["config"]["model"]["targets"] == "global+soft+sparse"
     assert "bank.bank_depth" in ckpt["model"] and "optimizer" in ckpt
     model = hcmoco.HCMoCo.from_checkpoint(tmp_path / "stage2.pt")
@@ -73,7 +74,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", "--stage", "1", "--steps", "4", "--save-every", "2")
     monkeypatch.setattr(hcmoco.HCMoCo, "forward", forward)
-    assert torch.load(tmp_path / "b" / "stage1.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "b" / "stage1.pt", weights_only=True)["step"] == 2
     run(tmp_path / "b", "--stage", "1", "--steps", "4", "--resume")
     a, b = weights(tmp_path / "a" / "stage1.pt"), weights(tmp_path / "b" / "stage1.pt")
     assert a.keys() == b.keys()
@@ -95,7 +96,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(hcmoco.HCMoCo, "forward", nan_on_fourth_step)
     with pytest.raises(SystemExit, match="non-finite loss at step 3.*stage1.pt"):
         run(tmp_path, "--stage", "1", "--steps", "6", "--save-every", "2")
-    ckpt = torch.load(tmp_path / "stage1.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "stage1.pt", weights_only=True)
     assert ckpt["step"] == 2 and not ckpt["done"]
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -106,6 +107,27 @@ def test_missing_dataset_root_is_one_clear_error(tmp_path, monkeypatch):
         run(tmp_path, "--data", "ntu+mpii", "--ntu-root", str(tmp_path / "nowhere"), "--mpii-root", str(tmp_path))
 
 
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+def test_a_stage_file_that_is_not_a_checkpoint_is_one_line_and_runs_no_code(tmp_path, monkeypatch, kind):
+    bad = tmp_path / "stage1.pt"
+    ran = write_bad_checkpoint(bad, kind)
+    before = bad.read_bytes()
+    monkeypatch.setattr(train, "run_stage", None)  # the file is read before any training
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--stage", "2", "--steps", "1", "--resume")
+    message = str(e.value.code)
+    assert message.startswith(f"error: {bad}: not a train.py checkpoint (") and "\n" not in message
+    assert not ran.exists() and bad.read_bytes() == before
+
+
+def test_a_backbone_init_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "hrnet.pth"
+    write_bad_checkpoint(bad, "truncated")
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(bad))}: not an HRNet state_dict \\(.*\\)$"):
+        run(tmp_path / "out", "--stage", "1", "--steps", "1", "--backbone-init", str(bad))
+    assert not (tmp_path / "out" / "stage1.pt").exists()
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
            *TINY, "--stage", "1", "--steps", "2", "--out", str(tmp_path)]
@@ -113,7 +135,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["stage1.pt"]
-    assert torch.load(tmp_path / "stage1.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "stage1.pt", weights_only=True)["step"] == 2
 
 
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
