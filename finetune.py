@@ -96,6 +96,18 @@ def parse_args(argv=None):
         parser.error("--scratch-init must be he or official")
     if cfg.contrast not in ("auto", "none", "global", "full"):
         parser.error("--contrast must be auto, none, global or full")
+    # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
+    labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
+    checks = train.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples"))
+    checks += [(cfg.weight_decay >= 0, f"--weight-decay must be 0 or more, got {cfg.weight_decay}"),
+               (cfg.subset >= 0, f"--subset must be 0 or more, got {cfg.subset}"),
+               (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
+               (not cfg.task.endswith("probe") or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio "
+                f"{cfg.ratio} leaves {labelled} labelled image(s); the probe needs at least 2"),
+               train.image_size_check(cfg.image_size), train.out_check(cfg.out)]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
     return cfg
 
 
@@ -578,6 +590,9 @@ def experiments(argv):
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs threads")
     args = parser.parse_args(argv)
+    for ok, message in [(args.jobs >= 1, f"--jobs must be positive, got {args.jobs}"), train.out_check(args.out)]:
+        if not ok:
+            parser.error(message)
     quick = args.quick
     subsets, seeds, budgets = ((1,), (0,), (2,)) if quick else ((1, 2, 3), (0, 1), (100, 600))
     small = ["--steps", "4", "--image-size", "48", "--synthetic-samples", "64", "--batch-size", "8",

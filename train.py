@@ -45,6 +45,11 @@ PRESETS = {
                   tau=0.07, optimizer="sgd", warmup=0, eval_every=500),
 }
 
+# At 32 px or less the HRNet's 1/32 branch is a single cell, and BatchNorm cannot train on one value per channel,
+# which a batch holding one image of a modality gives (a mixed batch with one depth image, a tiny label subset).
+# Any larger size works: the stride-2 convolutions round up and the branches are fused by resizing to exact sizes.
+MIN_IMAGE_SIZE = 33
+
 
 @dataclass
 class Config:
@@ -100,10 +105,40 @@ def parse_args(argv=None):
               (cfg.data in ("synthetic", "ntu+mpii", "ntu+coco"), "--data: synthetic, ntu+mpii or ntu+coco"),
               (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda"),
               (not cfg.backbone_init or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found")]
+    # 0 leaves the preset's value (--steps 0: the epochs'); a set of 3 samples would have no 'wild' quarter
+    checks += positive(cfg, ("epochs", "steps", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau",
+                             "eval_every"), zero_ok=True)
+    checks += positive(cfg, ("save_every", "log_every"))
+    checks += [(cfg.heldout >= 2, f"--heldout must be at least 2 (the monitors compare people), got {cfg.heldout}"),
+               image_size_check(cfg.image_size, zero_ok=True),
+               (not cfg.synthetic_samples or cfg.synthetic_samples >= 4,
+                f"--synthetic-samples must be at least 4 (3/4 with depth, 1/4 without), got {cfg.synthetic_samples}"),
+               (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"), out_check(cfg.out)]
     for ok, message in checks:
         if not ok:
             parser.error(message)
     return cfg
+
+
+def positive(cfg, names, zero_ok=False):
+    """(ok, message) per option of `names`: its value in cfg is positive (or 0, where 0 means a default)."""
+    return [(getattr(cfg, n) > 0 or (zero_ok and getattr(cfg, n) == 0),
+             f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}") for n in names]
+
+
+def image_size_check(size, zero_ok=False):
+    return ((zero_ok and size == 0) or size >= MIN_IMAGE_SIZE,
+            f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size} (below, the HRNet's 1/32 branch is one cell)")
+
+
+def out_check(out):
+    """(ok, message) for --out: a folder that exists or can be made, and written; found now, not at the first save."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return False, f"--out {out}: {existing} is a file, not a folder"
+    return os.access(existing, os.W_OK | os.X_OK), f"--out {out}: {existing} is not writable"
 
 
 def resolve(cfg):

@@ -13,7 +13,7 @@ import synthetic
 import train
 from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint
 
-TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "32", "--batch-size", "4",
+TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "40", "--batch-size", "4",
         "--workers", "0"]
 
 
@@ -73,7 +73,7 @@ def test_each_head_trains_and_reports_its_metrics(task, tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre")
-    train.main(["--stage", "1", "--steps", "1", "--image-size", "32", "--width", "4", "--batch-size", "4",
+    train.main(["--stage", "1", "--steps", "1", "--image-size", "40", "--width", "4", "--batch-size", "4",
                 "--synthetic-samples", "12", "--num-negatives", "8", "--workers", "0", "--preset", "cpu",
                 "--out", str(out)])
     return out / "stage1.pt"
@@ -105,6 +105,31 @@ def test_an_init_that_is_not_a_checkpoint_is_one_line_and_runs_no_code(tmp_path,
     message = str(e.value.code)
     assert message.startswith(f"error: {bad}: not a train.py checkpoint") and "\n" not in message
     assert not ran.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--lr", "-1"], ["--steps", "0"], ["--image-size", "32"],
+                                  ["--train-samples", "0"], ["--test-samples", "-1"], ["--weight-decay", "-0.1"],
+                                  ["--task", "rgb-probe", "--train-samples", "1"], ["--out", "{file}"],
+                                  ["--out", "{file}/run"]])
+def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeypatch, args):
+    file = tmp_path / "file"
+    file.write_text("keep")
+    args = [a.format(file=file) for a in args]
+    monkeypatch.setattr(finetune, "run", None)  # nothing may start
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*TINY, "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    option = next(a for a in reversed(args) if a.startswith("--"))
+    assert e.value.code == 2 and f"error: {option} " in err and file.read_text() == "keep"
+    assert not (tmp_path / "out").exists()
+
+
+def test_experiments_check_their_options(tmp_path, capsys):
+    for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")]):
+        (tmp_path / "file").write_text("keep")
+        with pytest.raises(SystemExit) as e:
+            finetune.main(["experiments", *args])
+        assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err
 
 
 def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):

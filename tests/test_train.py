@@ -128,6 +128,27 @@ def test_a_backbone_init_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "out" / "stage1.pt").exists()
 
 
+@pytest.mark.parametrize("args", [["--batch-size", "-4"], ["--lr", "-1"], ["--epochs", "-1"], ["--steps", "-2"],
+                                  ["--image-size", "17"], ["--image-size", "32"], ["--synthetic-samples", "1"],
+                                  ["--heldout", "1"], ["--save-every", "0"], ["--workers", "-1"]])
+def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "out", "--steps", "1", *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {args[0]} must be " in err and f"got {args[1]}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("keep")
+    for out in (file, file / "run"):
+        with pytest.raises(SystemExit) as e:
+            run(out, "--steps", "1")
+        assert e.value.code == 2 and f"error: --out {out}: {file} is a file" in capsys.readouterr().err
+    assert file.read_text() == "keep"
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
            *TINY, "--stage", "1", "--steps", "2", "--out", str(tmp_path)]
