@@ -8,15 +8,17 @@ starts from it and trains the whole hierarchy (Eq. 1).
         --backbone-init hrnetv2_w18_imagenet_pretrained.pth      # as published: both HRNets from ImageNet
 
 Outputs in --out: stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG state, config; written
-atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run; a finished
-stage1.pt found in --out is reused by stage 2.
+atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run (Ctrl-C prints the
+command); a finished stage1.pt found in --out is reused by stage 2.
 """
 import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -212,10 +214,20 @@ class StepBatches(torch.utils.data.Sampler):
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
 def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename, so a crash never leaves a half-written checkpoint."""
+    """torch.save through a temporary file and a rename: a kill, a Ctrl-C or a failed write leaves the previous
+    checkpoint whole and no partial file. A failed write (disk full, no permission) stops the run."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not a RuntimeError of torch's writer
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous one is kept" if os.path.exists(path) else "there is no previous one"
+            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}") from e
+        raise
 
 
 def load_stage(path, map_location="cpu"):
@@ -225,11 +237,20 @@ def load_stage(path, map_location="cpu"):
 
 
 def read_log(out):
+    """The rows of out/log.jsonl. A line that is not JSON, the last one cut by a kill, is dropped with a warning
+    (run_stage rewrites the log without it)."""
     path = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.strip():  # blank lines are not worth a warning
+                    warnings.warn(f"{path}, line {n}: not a whole JSON row (cut by a kill?), dropped")
+    return rows
 
 
 def plot_log(out):
@@ -441,6 +462,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = resolve(parse_args(argv))
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -468,6 +490,12 @@ def main(argv=None):
             saved.append(path)
     except CheckpointError as e:  # --backbone-init, or a stage file in --out
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (save_atomic)
+        if rank == 0:
+            again = argv if "--resume" in argv else [*argv, "--resume"]
+            print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
+                  f"    python train.py {shlex.join(again)}", file=sys.stderr)
+        raise SystemExit(130)
     if world > 1:
         dist.destroy_process_group()
     log(f"saved {', '.join(saved)}, log {os.path.join(cfg.out, 'log.jsonl')} and {os.path.join(cfg.out, 'loss.png')}")

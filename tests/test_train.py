@@ -1,7 +1,9 @@
 """train.py: the CLI, stage chaining, exact resume, the NaN guard, bad roots, and a 2-process torchrun run."""
+import errno
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -59,29 +61,59 @@ def test_two_stages_chain_and_log(tmp_path, capsys):
     torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     run(tmp_path / "a", "--stage", "1", "--steps", "4")
     calls = {"n": 0}
     forward = hcmoco.HCMoCo.forward
 
-    def crash_on_third_step(self, *a, **kw):
+    def ctrl_c_on_third_step(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return forward(self, *a, **kw)
 
-    monkeypatch.setattr(hcmoco.HCMoCo, "forward", crash_on_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", ctrl_c_on_third_step)
+    with pytest.raises(SystemExit) as e:
         run(tmp_path / "b", "--stage", "1", "--steps", "4", "--save-every", "2")
     monkeypatch.setattr(hcmoco.HCMoCo, "forward", forward)
+    assert e.value.code == 130
     assert torch.load(tmp_path / "b" / "stage1.pt", weights_only=True)["step"] == 2
-    run(tmp_path / "b", "--stage", "1", "--steps", "4", "--resume")
+    # the printed command resumes; a kill can also cut the log's last line
+    command = shlex.split(capsys.readouterr().err.strip().splitlines()[-1])
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"stage": 1, "step": 2, "loss": 4.')
+    with pytest.warns(UserWarning, match="log.jsonl, line 3"):
+        train.main(command[2:])
     a, b = weights(tmp_path / "a" / "stage1.pt"), weights(tmp_path / "b" / "stage1.pt")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]  # 4: the monitors after the last update
+
+
+@pytest.mark.parametrize("failure", ["ctrl-c", "disk full"])
+def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch, capsys, failure):
+    path, save, before = tmp_path / "stage1.pt", torch.save, []
+
+    def second_save_fails(obj, f, *a, **kw):
+        if not path.exists():
+            return save(obj, f, *a, **kw)
+        before.append(path.read_bytes())
+        (f if hasattr(f, "write") else open(f, "wb")).write(b"half a checkpoint")
+        raise KeyboardInterrupt() if failure == "ctrl-c" else OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--stage", "1", "--steps", "6", "--save-every", "2")
+    monkeypatch.setattr(torch, "save", save)
+    assert path.read_bytes() == before[0] and torch.load(path, weights_only=True)["step"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    if failure == "ctrl-c":
+        assert e.value.code == 130 and capsys.readouterr().err.strip().endswith("--resume")
+    else:
+        assert e.value.code == f"error: could not write {path} (No space left on device); the previous one is kept"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
