@@ -124,11 +124,12 @@ def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_experiments_check_their_options(tmp_path, capsys):
+def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("keep")
+    monkeypatch.setattr(finetune, "run_jobs", None)  # nothing may start
     for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")]):
-        (tmp_path / "file").write_text("keep")
         with pytest.raises(SystemExit) as e:
-            finetune.main(["experiments", *args])
+            finetune.main(["experiments", "--quick", "--out", str(tmp_path / "out"), *args])
         assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err
 
 

@@ -163,7 +163,8 @@ def test_a_backbone_init_that_is_not_a_checkpoint_is_one_line(tmp_path):
 @pytest.mark.parametrize("args", [["--batch-size", "-4"], ["--lr", "-1"], ["--epochs", "-1"], ["--steps", "-2"],
                                   ["--image-size", "17"], ["--image-size", "32"], ["--synthetic-samples", "1"],
                                   ["--heldout", "1"], ["--save-every", "0"], ["--workers", "-1"]])
-def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsys, args):
+def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.setattr(train, "run_stage", None)  # nothing may start
     with pytest.raises(SystemExit) as e:
         run(tmp_path / "out", "--steps", "1", *args)
     err = capsys.readouterr().err
@@ -171,7 +172,8 @@ def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys):
+def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "run_stage", None)  # nothing may start
     file = tmp_path / "file"
     file.write_text("keep")
     for out in (file, file / "run"):
