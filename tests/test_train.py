@@ -93,6 +93,12 @@ def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tm
     assert steps == [0, 1, 2, 3, 4]  # 4: the monitors after the last update
 
 
+def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 0, "loss": 5.0}\n\n{"stage": 1, "step": 1, "lo')
+    with pytest.warns(UserWarning, match="log.jsonl, line 3: not a whole JSON row"):
+        assert train.read_log(str(tmp_path)) == [{"stage": 1, "step": 0, "loss": 5.0}]
+
+
 @pytest.mark.parametrize("failure", ["ctrl-c", "disk full"])
 def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch, capsys, failure):
     path, save, before = tmp_path / "stage1.pt", torch.save, []
