@@ -107,7 +107,7 @@ def parse_args(argv=None):
               (cfg.data in ("synthetic", "ntu+mpii", "ntu+coco"), "--data: synthetic, ntu+mpii or ntu+coco"),
               (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda"),
               (not cfg.backbone_init or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found")]
-    # 0 leaves the preset's value (--steps 0: the epochs'); a set of 3 samples would have no 'wild' quarter
+    # 0 leaves the preset's value (--steps 0: the epochs')
     checks += positive(cfg, ("epochs", "steps", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau",
                              "eval_every"), zero_ok=True)
     checks += positive(cfg, ("save_every", "log_every"))
@@ -129,6 +129,7 @@ def positive(cfg, names, zero_ok=False):
 
 
 def image_size_check(size, zero_ok=False):
+    """(ok, message) for --image-size: at least MIN_IMAGE_SIZE (or 0, where 0 means the preset's)."""
     return ((zero_ok and size == 0) or size >= MIN_IMAGE_SIZE,
             f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size} (below, the HRNet's 1/32 branch is one cell)")
 
