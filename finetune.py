@@ -578,10 +578,10 @@ def experiments(argv):
     Fine-tuning, all tested on the same 500 images:
       Table 2   scratch / CMC / HCMoCo on RGB and depth parsing; at 5 % labels every arm runs on the same 3 label
                 subsets x 2 seeds, so each HCMoCo run has a scratch and a CMC twin; at 100 % labels one seed
-      curves    scratch and HCMoCo at 5 % labels after 100 and 600 fine-tuning steps (the tables use 300)
+      curves    scratch and HCMoCo at 5 % labels after 100 fine-tuning steps (the tables use 300)
       probes    frozen linear probes (rgb-probe, depth-probe) of CMC, HCMoCo, a random network with the same init
                 and pixel (x, y) + input
-      Table 3   the ladder of targets on depth parsing at 5 % labels (the 3 subsets, seed 0)
+      Table 3   the ladder of targets on depth parsing at 5 % labels (label subset 1, seed 0)
       Tables 6-7   cross-modal supervision both ways and missing-modality inference
     Jobs run `--jobs` at a time, each on its share of the cores. results.json holds every run and the summary;
     results.md the tables: means, and paired gains with a bootstrap 95 % interval and the win rate."""
@@ -594,7 +594,7 @@ def experiments(argv):
         if not ok:
             parser.error(message)
     quick = args.quick
-    subsets, seeds, budgets = ((1,), (0,), (2,)) if quick else ((1, 2, 3), (0, 1), (100, 600))
+    subsets, seeds, budgets = ((1,), (0,), (2,)) if quick else ((1, 2, 3), (0, 1), (100,))
     small = ["--steps", "4", "--image-size", "48", "--synthetic-samples", "64", "--batch-size", "8",
              "--heldout", "8"] if quick else []
     pre = os.path.join(args.out, "pretrain")
@@ -637,8 +637,8 @@ def experiments(argv):
         for arm, init in (("random", "scratch"), ("pixels", "pixels"), ("CMC", inits["CMC"]),
                           ("HCMoCo", inits["HCMoCo"])):
             job(f"probe/{modality}/{arm}", task=f"{modality}-probe", init=init, scratch_init=same_init)
-    for name in ("global", "hard", "soft"):
-        for s in subsets:
+    for name in ("global", "hard", "soft"):  # the first label subset only, to keep the run under 2 h
+        for s in subsets[:1]:
             job(f"ablation/{name}/subset{s}-seed{seeds[0]}", task="depth-parsing",
                 init=os.path.join(pre, name, "stage2.pt"), ratio=LOW, subset=s, seed=seeds[0])
     for arm, init, contrast in (("none", "scratch", "none"), ("CMC", inits["CMC"], "global"),
@@ -719,10 +719,8 @@ def summarise(runs, subsets, seeds, budgets, main_steps):
         if key.startswith("probe/"):
             out["probes"][key[len("probe/"):]] = r["miou"]
     for name in ("global", "hard", "soft"):
-        out["ladder"][name] = float(np.mean([runs[f"ablation/{name}/subset{s}-seed{seeds[0]}"]["miou"]
-                                             for s in subsets]))
-    out["ladder"]["full"] = float(np.mean([runs[f"depth-parsing/HCMoCo/low/subset{s}-seed{seeds[0]}"]["miou"]
-                                           for s in subsets]))
+        out["ladder"][name] = runs[f"ablation/{name}/{one}"]["miou"]
+    out["ladder"]["full"] = runs[f"depth-parsing/HCMoCo/low/{one}"]["miou"]
     for arm in ("none", "CMC", "HCMoCo"):
         mm = runs[f"missing-modal/{arm}/seed{seeds[0]}"]
         out["versatility"][arm] = {"rgb_to_depth": runs[f"cross-modal/rgb-to-depth/{arm}/seed{seeds[0]}"]["depth_miou"],
