@@ -341,9 +341,10 @@ def labelled_people(n, image_size, seed):
 @functools.lru_cache(maxsize=2)
 def unlabelled_pairs(image_size, n):
     """The pre-training set (train.build_dataset, CPU preset, n samples, augmented), built once per process: the
-    unlabelled pairs the versatility tasks keep training the contrastive targets on."""
+    unlabelled pairs the versatility tasks keep training the contrastive targets on. Rendered in this process
+    (workers=0): the experiment runner's jobs are pool workers, which cannot start a pool of their own."""
     return train.build_dataset(train.resolve(train.Config(image_size=image_size, device="cpu", synthetic_samples=n,
-                                                          preset="cpu")))
+                                                          preset="cpu", workers=0)))
 
 
 def loader(dataset, cfg, train_mode, steps=None):
