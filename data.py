@@ -13,7 +13,8 @@ input, `hcmoco.depth_input(depth, mask)`, so that augmentation, point clouds and
 depth. Every reader with depth therefore supplies the person `mask` (synthetic: the rendered silhouette; NTU
 RGB+D: the non-zero pixels of its masked depth maps; parsing sets: the labelled pixels; ITOP: its segmentation).
 
-Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton). Downstream: Human36MParts, NTURGBDParsing, ITOP.
+Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton), mixed by pretraining_set. Downstream:
+Human36MParts, NTURGBDParsing, ITOP. Batches: StepBatches (seeded, resumable), collate, to_device.
 """
 import json
 import math
@@ -29,6 +30,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+import synthetic
 from synthetic import FLIP_JOINTS, FLIP_PARTS, flip_sample
 
 MODALITIES = ("rgb", "depth", "keypoints")
@@ -568,3 +570,57 @@ class Transformed(torch.utils.data.Dataset):
                 return self.transform(self.dataset[i])
             finally:
                 random.setstate(state)
+
+
+# ------------------------------------------------------------------------------------------------ pre-training set
+PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intrinsics", "present", "index")
+
+
+def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_samples=4096, seed=0, cache=False,
+                    workers=0, ntu_root="", mpii_root="", coco_root=""):
+    """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set, each under its own
+    PairedTransform recipe (the published ones: 'ntu', 'mpii'). source 'synthetic': the synthetic stand-ins, 3/4
+    'indoor' with depth (seed) and 1/4 'wild' without (seed + 1), rendered once into memory with cache=True (by
+    `workers` processes); 'ntu+mpii' / 'ntu+coco': the real readers, which raise FileNotFoundError naming a missing
+    root. Items are indexed by (index, augmentation seed)."""
+    if source == "synthetic":
+        n = synthetic_samples
+        parts = [synthetic.SyntheticHumans(n - n // 4, image_size, seed=seed, domain="indoor"),
+                 synthetic.SyntheticHumans(n // 4, image_size, seed=seed + 1, domain="wild", with_depth=False)]
+        if cache:
+            parts = [Cached(p, PRETRAIN_KEYS, workers) for p in parts]
+    else:
+        parts = [NTURGBD(ntu_root, image_size), MPII(mpii_root, "train", image_size) if source == "ntu+mpii"
+                 else COCOKeypoints(coco_root, "train2017", image_size)]
+    return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)])
+
+
+# --------------------------------------------------------------------------------------------------------- batches
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (index, augmentation seed) for steps start..stop-1. Step k takes items [k G, (k + 1) G) of an
+    endless stream of seeded permutations of the dataset (G = global batch); rank r takes the r-th slice. The
+    data of a step depends only on (seed, k), so resuming, the number of workers and the number of ranks do not
+    change what the model sees."""
+
+    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
+        self.n, self.G, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
+        self.rank, self.local = rank, global_batch // world
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        for k in range(self.start, self.stop):
+            first = k * self.G + self.rank * self.local
+            yield [(self.item(p), self.seed * 1_000_003 + p) for p in range(first, first + self.local)]
+
+    def item(self, p):
+        epoch, offset = divmod(p, self.n)
+        g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
+        return int(torch.randperm(self.n, generator=g)[offset])
+
+
+def to_device(batch, device):
+    """A batch dict (with its nested `present`) on `device`."""
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return {k: ({m: move(v) for m, v in t.items()} if isinstance(t, dict) else move(t)) for k, t in batch.items()}

@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -37,11 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import synthetic
 import train
 from encoders import CheckpointError, HRNet, load_checkpoint, merge_maps
-from hcmoco import HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
 KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv", "joints3d", "intrinsics", "present",
@@ -98,13 +99,13 @@ def parse_args(argv=None):
         parser.error("--contrast must be auto, none, global or full")
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
-    checks = train.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples"))
+    checks = cli.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples"))
     checks += [(cfg.weight_decay >= 0, f"--weight-decay must be 0 or more, got {cfg.weight_decay}"),
                (cfg.subset >= 0, f"--subset must be 0 or more, got {cfg.subset}"),
                (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
                (not cfg.task.endswith("probe") or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio "
                 f"{cfg.ratio} leaves {labelled} labelled image(s); the probe needs at least 2"),
-               train.image_size_check(cfg.image_size), train.out_check(cfg.out)]
+               cli.image_size_check(cfg.image_size), cli.out_check(cfg.out)]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -220,7 +221,7 @@ def load_backbone(init, modality, default_cfg):
         return build_hrnet(default_cfg), {}
     ckpt = load_checkpoint(init, "a train.py checkpoint or an HRNet state_dict")
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
-        net = build_hrnet(HCMoCoConfig(**ckpt["config"]["model"]))
+        net = build_hrnet(HCMoCoConfig.from_dict(ckpt["config"]["model"]))
         prefix = f"encoders.{modality}."
         state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
         result = net.load_state_dict(state, strict=False)
@@ -278,8 +279,9 @@ class Versatile(nn.Module):
         else:
             self.hcmoco = HCMoCo.from_checkpoint(cfg.init)
         contrast = cfg.contrast if cfg.contrast != "auto" else ("none" if cfg.init == "scratch" else "ckpt")
-        targets = {"global": "global", "full": "global+soft+sparse"}.get(contrast, self.hcmoco.cfg.targets)
-        self.hcmoco.cfg.targets, self.contrast = targets, contrast != "none"
+        rows = {"global": TARGETS["global"], "full": TARGETS["global+soft+sparse"]}
+        self.hcmoco.cfg = replace(self.hcmoco.cfg, **rows.get(contrast, {}))
+        self.contrast = contrast != "none"
         self.head = SegHead(self.hcmoco.cfg.embed_dim, NUM_CLASSES)
         self.task, self.source = cfg.task, cfg.source
 
@@ -340,22 +342,22 @@ def labelled_people(n, image_size, seed):
 
 @functools.lru_cache(maxsize=2)
 def unlabelled_pairs(image_size, n):
-    """The pre-training set (train.build_dataset, CPU preset, n samples, augmented), built once per process: the
+    """The pre-training set (data.pretraining_set as the CPU preset builds it, n samples), built once per process: the
     unlabelled pairs the versatility tasks keep training the contrastive targets on. Rendered in this process
     (workers=0): the experiment runner's jobs are pool workers, which cannot start a pool of their own."""
-    return train.build_dataset(train.resolve(train.Config(image_size=image_size, device="cpu", synthetic_samples=n,
-                                                          preset="cpu", workers=0)))
+    preset = train.PRESETS["cpu"]
+    return data.pretraining_set("synthetic", image_size, synthetic_samples=n, cache=preset["cache"])
 
 
 def loader(dataset, cfg, train_mode, steps=None):
-    """Train: `steps` batches of seeded augmentations (train.StepBatches); test: one pass without augmentation.
+    """Train: `steps` batches of seeded augmentations (data.StepBatches); test: one pass without augmentation.
     Depth-pose trains without rotation and flips (they would change the camera geometry of the 3D labels)."""
     pose = cfg.task == "depth-pose"
     transform = data.PairedTransform(cfg.image_size, train=train_mode, rotate=0 if pose else 30,
                                      flip=0 if pose else 0.5)
     ds = data.Transformed(dataset, transform)
     if train_mode:
-        batches = train.StepBatches(len(dataset), min(cfg.batch_size, len(dataset)), cfg.seed, 0, steps)
+        batches = data.StepBatches(len(dataset), min(cfg.batch_size, len(dataset)), cfg.seed, 0, steps)
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
                                            collate_fn=data.collate)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
@@ -389,11 +391,11 @@ def run(cfg):
     for step, batch in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        batch = train.to_device(batch, device)
+        batch = data.to_device(batch, device)
         if versatile:
             loss, _ = model(batch, sources)
             if model.contrast:
-                contrastive, _ = model.hcmoco(train.to_device(next(unlabelled), device))
+                contrastive, _ = model.hcmoco(data.to_device(next(unlabelled), device))
                 loss = loss + contrastive
         else:
             loss, _ = model(batch)
@@ -404,7 +406,7 @@ def run(cfg):
     metrics = evaluate(model, test_set, cfg, device)
     metrics["train_images"] = len(keep)
     os.makedirs(cfg.out, exist_ok=True)
-    train.save_atomic(dict(model=model.state_dict(), config=asdict(cfg)), os.path.join(cfg.out, "model.pt"))
+    cli.save_atomic(dict(model=model.state_dict(), config=asdict(cfg)), os.path.join(cfg.out, "model.pt"))
     return write_metrics(metrics, cfg)
 
 
@@ -431,7 +433,7 @@ def load_finetuned(out, map_location="cpu"):
 def train_loader_unlabelled(pairs, cfg):
     """Unlabelled paired batches (train.build_dataset, augmented) for the contrastive targets of the versatility
     tasks, one per fine-tuning step."""
-    batches = train.StepBatches(len(pairs), cfg.batch_size, cfg.seed + 1, 0, cfg.steps)
+    batches = data.StepBatches(len(pairs), cfg.batch_size, cfg.seed + 1, 0, cfg.steps)
     return torch.utils.data.DataLoader(pairs, batch_sampler=batches, num_workers=0, collate_fn=data.collate)
 
 
@@ -445,7 +447,7 @@ def evaluate(model, test_set, cfg, device):
         for name, modalities in tests.items():
             cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
             for batch in loader(test_set, cfg, False):
-                batch = train.to_device(batch, device)
+                batch = data.to_device(batch, device)
                 _, pred = model(batch, modalities)
                 cm += confusion_matrix(pred.cpu(), batch["parts"].cpu())
             m = parsing_metrics(cm)
@@ -454,7 +456,7 @@ def evaluate(model, test_set, cfg, device):
     preds, labels = [], []
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     for batch in loader(test_set, cfg, False):
-        batch = train.to_device(batch, device)
+        batch = data.to_device(batch, device)
         _, pred = model(batch)
         if cfg.task == "depth-pose":
             preds.append(pred.cpu())
@@ -477,7 +479,7 @@ def probe_inputs(features, dataset, cfg, device):
     """(features [N, C, h, w], labels [N, H, W]) of a dataset, one eval-mode pass without augmentation."""
     feats, labels = [], []
     for batch in loader(dataset, cfg, False):
-        batch = train.to_device(batch, device)
+        batch = data.to_device(batch, device)
         feats.append(features(batch).cpu())
         labels.append(batch["parts"].cpu())
     return torch.cat(feats), torch.cat(labels)
@@ -591,7 +593,7 @@ def experiments(argv):
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores / jobs threads")
     args = parser.parse_args(argv)
-    for ok, message in [(args.jobs >= 1, f"--jobs must be positive, got {args.jobs}"), train.out_check(args.out)]:
+    for ok, message in [(args.jobs >= 1, f"--jobs must be positive, got {args.jobs}"), cli.out_check(args.out)]:
         if not ok:
             parser.error(message)
     quick = args.quick

@@ -17,7 +17,8 @@ uses the rows with both RGB and depth, and sparse entries of absent modalities o
 The depth encoder reads depth through the person mask `batch['mask']` (depth_input), as the published loader
 reads NTU RGB+D's masked depth maps.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -28,24 +29,30 @@ from encoders import (HRNet, PointNet2, SemGCN, depth_to_points, load_checkpoint
                       points_to_map)
 
 MODALITIES = ("rgb", "depth", "keypoints")
-TARGETS = ("global", "global+hard", "global+soft", "global+soft+sparse")  # the rows of the paper's Table 3
+# The rows of the paper's Table 3, by the name `train.py --targets` selects them with: which levels Eq. 1 adds to
+# the sample-level term (always on).
+TARGETS = {"global": dict(dense="none", sparse=False),
+           "global+hard": dict(dense="hard", sparse=False),
+           "global+soft": dict(dense="soft", sparse=False),
+           "global+soft+sparse": dict(dense="soft", sparse=True)}
 PELVIS = 6  # MPII joint index, the root of the keypoint normalisation
 
 
 @dataclass
 class HCMoCoConfig:
-    hrnet: str = "small"  # 'small' (HRNet.small) or 'w18' / 'w32' / 'w48'
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # 'small' is HRNet.small
     width: int = 16  # of the small HRNet
     embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
-    depth_encoder: str = "hrnet"  # or 'pointnet'
-    targets: str = "global+soft+sparse"
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
+    dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
+    sparse: bool = True  # Eq. 6
     lambda_global: float = 1.0  # Eq. 1, on terms that are sums as published (module docstring)
     lambda_dense: float = 1.0
     lambda_sparse: float = 1.0
     tau: float = 0.07
-    init: str = "official"  # of the HRNets: 'official' (std 0.001, replaced by ImageNet weights) or 'he'
-    global_loss: str = "bank"  # Eq. 2's negatives: 'bank' (the memory bank, as published) or 'batch' (in-batch)
+    init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
+    global_loss: Literal["bank", "batch"] = "bank"  # Eq. 2's negatives: the memory bank (as published) or in-batch
     num_negatives: int = 16384
     momentum: float = 0.5
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
@@ -53,15 +60,19 @@ class HCMoCoConfig:
     pointnet_points: int = 4096
 
     def __post_init__(self):
-        if self.targets not in TARGETS:
-            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
-        if self.hrnet not in ("small", "w18", "w32", "w48"):
-            raise ValueError(f"hrnet must be 'small', 'w18', 'w32' or 'w48', got {self.hrnet!r}")
-        if self.depth_encoder not in ("hrnet", "pointnet"):
-            raise ValueError(f"depth_encoder must be 'hrnet' or 'pointnet', got {self.depth_encoder!r}")
-        for name, allowed in (("init", ("official", "he")), ("global_loss", ("bank", "batch"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = getattr(f.type, "__args__", None)  # the values of a Literal field
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name} must be one of {allowed}, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def from_dict(cls, values):
+        """The config saved in a checkpoint; one written before the switches were typed names its Table 3 row in
+        a 'targets' string."""
+        values = dict(values)
+        if "targets" in values:
+            values.update(TARGETS[values.pop("targets")])
+        return cls(**values)
 
 
 def build_hrnet(cfg, in_channels=3):
@@ -193,8 +204,8 @@ class HCMoCo(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- objective
     def forward(self, batch, gather=None):
-        """Eq. 1 on a batch dict -> (loss, terms). terms: detached scalars 'loss', 'global' and, as the targets
-        ask, 'dense' and 'sparse'; a term whose modalities are absent from the batch is 0.
+        """Eq. 1 on a batch dict -> (loss, terms). terms: detached scalars 'loss', 'global' and, as cfg.dense and
+        cfg.sparse ask, 'dense' and 'sparse'; a term whose modalities are absent from the batch is 0.
         `gather(tensor)`, under DDP, concatenates a tensor over ranks (with gradients to the owner): Eq. 2 then
         runs on the global batch so that every rank updates its memory bank identically."""
         cfg = self.cfg
@@ -207,9 +218,9 @@ class HCMoCo(nn.Module):
             present, index = {m: gather(p) for m, p in present.items()}, gather(index)
         terms = {"global": self.bank(feats, index, present) if cfg.global_loss == "bank"
                  else losses.batch_contrastive_loss(feats, present, cfg.tau)}
-        if "+" in cfg.targets:
+        if cfg.dense != "none":
             terms["dense"] = self.dense_term(emb["dense"], batch)
-        if cfg.targets.endswith("sparse"):
+        if cfg.sparse:
             terms["sparse"] = self.sparse_term(emb["sparse"], batch)
         weights = {"global": cfg.lambda_global, "dense": cfg.lambda_dense, "sparse": cfg.lambda_sparse}
         loss = sum(weights[k] * v for k, v in terms.items())
@@ -247,7 +258,7 @@ class HCMoCo(nn.Module):
         n = idx.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=idx.device)
         candidates = (idx[:, :, None] != idx[:, None, :]) | eye  # [b, N, N]
-        if self.cfg.targets == "global+hard":
+        if self.cfg.dense == "hard":
             W = eye.expand(len(rows), n, n).to(f1.dtype)
         else:
             coords = torch.stack([idx % w, idx // w], dim=-1).float()  # [b, N, 2] grid cells (x, y)
@@ -272,9 +283,7 @@ class HCMoCo(nn.Module):
         """The model saved by train.py at `path`, rebuilt from the checkpoint's config (CheckpointError if the file
         is not one)."""
         ckpt = load_checkpoint(path, "a train.py checkpoint", ("model", "config"), map_location)
-        model = cls(HCMoCoConfig(**ckpt["config"]["model"]))
+        model = cls(HCMoCoConfig.from_dict(ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         return model
 
-    def config_dict(self):
-        return asdict(self.cfg)

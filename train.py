@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import synthetic
 from encoders import CheckpointError, HRNet, load_checkpoint
@@ -158,27 +159,13 @@ def resolve(cfg):
 
 # ----------------------------------------------------------------------------------------------------------- data
 def build_dataset(cfg):
-    """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set (NTU RGB+D + MPII
-    or COCO; or their synthetic stand-ins, 3/4 'indoor' with depth and 1/4 'wild' without), each part under its
-    own PairedTransform recipe (paper preset: the published 'ntu' and 'mpii'; CPU preset: PRESETS['cpu']).
-    Items are indexed by (index, augmentation seed). Readers raise FileNotFoundError naming a missing root before
-    any model is built."""
-    s = cfg.image_size
-    if cfg.data == "synthetic":
-        n = cfg.synthetic_samples
-        parts = [synthetic.SyntheticHumans(n - n // 4, s, seed=cfg.seed, domain="indoor"),
-                 synthetic.SyntheticHumans(n // 4, s, seed=cfg.seed + 1, domain="wild", with_depth=False)]
-        if cfg.cache:
-            parts = [data.Cached(p, PRETRAIN_KEYS, cfg.workers) for p in parts]
-    else:
-        ntu = data.NTURGBD(cfg.ntu_root, s)
-        parts = [ntu, data.MPII(cfg.mpii_root, "train", s) if cfg.data == "ntu+mpii"
-                 else data.COCOKeypoints(cfg.coco_root, "train2017", s)]
-    recipes = ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu")
-    return data.MixedDataset([data.Transformed(p, data.PairedTransform(s, recipe=r)) for p, r in zip(parts, recipes)])
+    """data.pretraining_set of the config: the published augmentation recipes under the paper preset, the CPU
+    recipe otherwise."""
+    return data.pretraining_set(cfg.data, cfg.image_size, ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu"),
+                                cfg.synthetic_samples, cfg.seed, cfg.cache, cfg.workers, cfg.ntu_root, cfg.mpii_root,
+                                cfg.coco_root)
 
 
-PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intrinsics", "present", "index")
 HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 
 
@@ -189,48 +176,7 @@ def heldout_batch(image_size, n):
     return data.collate([transform(people[i]) for i in range(len(people))])
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of (index, augmentation seed) for steps start..stop-1. Step k takes items [k G, (k + 1) G) of an
-    endless stream of seeded permutations of the dataset (G = global batch); rank r takes the r-th slice. The
-    data of a step depends only on (seed, k), so resuming, the number of workers and the number of ranks do not
-    change what the model sees."""
-
-    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
-        self.n, self.G, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
-        self.rank, self.local = rank, global_batch // world
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        for k in range(self.start, self.stop):
-            first = k * self.G + self.rank * self.local
-            yield [(self.item(p), self.seed * 1_000_003 + p) for p in range(first, first + self.local)]
-
-    def item(self, p):
-        epoch, offset = divmod(p, self.n)
-        g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
-        return int(torch.randperm(self.n, generator=g)[offset])
-
-
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
-def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a kill, a Ctrl-C or a failed write leaves the previous
-    checkpoint whole and no partial file. A failed write (disk full, no permission) stops the run."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not a RuntimeError of torch's writer
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            kept = "the previous one is kept" if os.path.exists(path) else "there is no previous one"
-            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}") from e
-        raise
-
-
 def load_stage(path, map_location="cpu"):
     """A checkpoint written by run_stage (CheckpointError if the file is not one)."""
     return load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
@@ -296,14 +242,9 @@ def plot_log(out):
 # -------------------------------------------------------------------------------------------------------- training
 def model_config(cfg, stage, bank_size):
     return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
-                        targets="global" if stage == 1 else cfg.targets, num_negatives=cfg.num_negatives,
+                        **TARGETS["global" if stage == 1 else cfg.targets], num_negatives=cfg.num_negatives,
                         dense_points=cfg.dense_points, bank_size=bank_size, tau=cfg.tau, init=cfg.init,
                         global_loss=cfg.global_loss)
-
-
-def to_device(batch, device):
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return {k: ({m: move(v) for m, v in t.items()} if isinstance(t, dict) else move(t)) for k, t in batch.items()}
 
 
 def gather_all(t):
@@ -403,7 +344,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None, broadcast_buffers=False, find_unused_parameters=True)
 
-    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.seed + 1000 * stage, start, total, rank, world)
+    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + 1000 * stage, start, total, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=cfg.workers, collate_fn=data.collate,
                                          pin_memory=device.type == "cuda",
@@ -411,7 +352,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
 
     def save(step, done):
         if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, done=done,
+            cli.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, done=done,
                              stage=stage, rng=torch.get_rng_state(),
                              config=dict(train=asdict(cfg), model=asdict(model.cfg))), path)
 
@@ -419,7 +360,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         rows = [r for r in read_log(out) if r["stage"] < stage or (r["stage"] == stage and r["step"] < start)]
         with open(os.path.join(out, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        heldout = to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
+        heldout = data.to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
 
     def write_row(row):
         if rank == 0:
@@ -434,7 +375,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
         for group in optimizer.param_groups:
             group["lr"] = lr
         measured = monitors(model, heldout, initial) if rank == 0 and step % cfg.eval_every == 0 else {}
-        batch = to_device(batch, device)
+        batch = data.to_device(batch, device)
         if device.type == "cuda":
             batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
