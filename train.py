@@ -366,34 +366,33 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
                                  stage=stage, rng=torch.get_rng_state(),
                                  config=dict(train=asdict(cfg), model=asdict(model.cfg))), path)
 
-    bar = tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True)
     model.train()
     t0 = time.time()
-    for step, batch in zip(range(start, total), loader):
-        lr = cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        measured = monitors(model, heldout, initial) if lead and step % cfg.eval_every == 0 else {}
-        batch = data.to_device(batch, device)
-        if device.type == "cuda":
-            batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, terms = net(batch, gather=gather_all if world > 1 else None)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise SystemExit(f"stage {stage}: non-finite loss at step {step} ({ {k: v.item() for k, v in terms.items()} }); "
-                             f"the last good checkpoint is {path}" + ("" if os.path.exists(path) else " (none yet)"))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.update(1)
-        if lead and (step % cfg.log_every == 0 or step == total - 1 or measured):
-            values = {k: round(v.item(), 4) for k, v in terms.items()}
-            bar.set_postfix(values)
-            write_row(dict(step=step, lr=lr, time=round(time.time() - t0, 2), **values, **measured))
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save(step + 1, done=False)
-    bar.close()
+    with tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True) as bar:
+        for step, batch in zip(range(start, total), loader):
+            lr = cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            measured = monitors(model, heldout, initial) if lead and step % cfg.eval_every == 0 else {}
+            batch = data.to_device(batch, device)
+            if device.type == "cuda":
+                batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, terms = net(batch, gather=gather_all if world > 1 else None)
+            if not torch.isfinite(loss):
+                last = path if os.path.exists(path) else f"{path} (none yet)"
+                raise SystemExit(f"stage {stage}: non-finite loss at step {step} "
+                                 f"({ {k: v.item() for k, v in terms.items()} }); the last good checkpoint is {last}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            if lead and (step % cfg.log_every == 0 or step == total - 1 or measured):
+                values = {k: round(v.item(), 4) for k, v in terms.items()}
+                bar.set_postfix(values)
+                write_row(dict(step=step, lr=lr, time=round(time.time() - t0, 2), **values, **measured))
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                save(step + 1, done=False)
     if lead:  # after the last update
         write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
     save(total, done=True)
@@ -447,8 +446,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (save_atomic)
         if rank == 0:
             again = argv if "--resume" in argv else [*argv, "--resume"]
+            launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
             print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
-                  f"    python train.py {shlex.join(again)}", file=sys.stderr)
+                  f"    {launcher} {shlex.join(again)}", file=sys.stderr)
         raise SystemExit(130)
     if world > 1:
         dist.destroy_process_group()
