@@ -403,8 +403,14 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
 
 def pretrain(cfg, rank=0, world=1):
     """Stages 1..cfg.stage of a complete Config (parse_args's): a finished stage file in cfg.out is reused; the
-    pre-training set is built (rendered, read) only when a stage has to train. Returns the stage files' paths."""
+    pre-training set is built (rendered, read) only when a stage has to train. Writes cfg.out/config.json; returns
+    the stage files' paths."""
     log = print if rank == 0 else (lambda *a: None)
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     paths, dataset = [], None
     for stage in range(1, cfg.stage + 1):
         path = os.path.join(cfg.out, f"stage{stage}.pt")
@@ -428,15 +434,11 @@ def main(argv=None):
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.batch_size % world:
             raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (also in "
               f"{os.path.join(cfg.out, 'config.json')}):\n" + textwrap.fill(
                   " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
                   subsequent_indent="    "))
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
     try:
         saved = pretrain(cfg, rank, world)
     except FileNotFoundError as e:  # a dataset root
