@@ -68,8 +68,8 @@ def test_every_part_occurs_within_50_samples(samples):
 
 def right_left_columns(parts):
     cols = torch.arange(parts.shape[1]).expand_as(parts).float()
-    right = sum(parts == S.P[n] for n in ("right_thigh", "right_calf", "right_arm", "right_hip")).bool()
-    left = sum(parts == S.P[n] for n in ("left_thigh", "left_calf", "left_arm", "left_hip")).bool()
+    right = sum(parts == S.PART_INDEX[n] for n in ("right_thigh", "right_calf", "right_arm", "right_hip")).bool()
+    left = sum(parts == S.PART_INDEX[n] for n in ("left_thigh", "left_calf", "left_arm", "left_hip")).bool()
     return cols[right].mean(), cols[left].mean()
 
 
@@ -79,15 +79,16 @@ def test_frontal_view_shows_right_parts_on_the_image_left():
     right, left = right_left_columns(torch.from_numpy(r["parts"]))
     assert right < left
     kp = r["keypoints"]
-    assert kp[S.J["r_shoulder"], 0] < kp[S.J["l_shoulder"], 0]
+    assert kp[S.JOINT_INDEX["r_shoulder"], 0] < kp[S.JOINT_INDEX["l_shoulder"], 0]
 
 
 def test_flip_swaps_joints_and_parts_consistently(samples):
     s = samples[5]
     f = S.flip_sample(s)
     W = SIZE
-    torch.testing.assert_close(f["keypoints"][S.J["r_wrist"], 0], W - 1 - s["keypoints"][S.J["l_wrist"], 0])
-    assert f["keypoints_visible"][S.J["r_wrist"]] == s["keypoints_visible"][S.J["l_wrist"]]
+    torch.testing.assert_close(f["keypoints"][S.JOINT_INDEX["r_wrist"], 0],
+                               W - 1 - s["keypoints"][S.JOINT_INDEX["l_wrist"], 0])
+    assert f["keypoints_visible"][S.JOINT_INDEX["r_wrist"]] == s["keypoints_visible"][S.JOINT_INDEX["l_wrist"]]
     y, x = 30, 20
     assert f["parts"][y, W - 1 - x] == S.FLIP_PARTS[s["parts"][y, x]]
     assert torch.equal(f["iuv"][0].long(), f["parts"])
