@@ -22,9 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# MPII-16 joint order (docs/conventions.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
+# MPII-16 joint order (docs/conventions.md). PARENTS[j] is the joint that j hangs from in the skeleton (-1 for the
+# root, the pelvis): its bones are the edges of the keypoint encoder's graph and the lines drawn. FLIP_JOINTS[j] is
+# the joint that j becomes in a mirrored image.
 JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
                "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
+PARENTS = [1, 2, 6, 6, 3, 4, -1, 6, 7, 8, 11, 12, 7, 7, 13, 14]
 FLIP_JOINTS = [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
 
 # 0 background + the 24 parts in the paper's table order. FLIP_PARTS[p] is the label p becomes when mirrored.
@@ -577,8 +580,7 @@ def flip_sample(sample):
 
 # ------------------------------------------------------------------------------------------------- contact sheet
 PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.15, 1, (24, 3))])
-SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (4, 3), (5, 4), (6, 7), (7, 8), (8, 9), (10, 11), (11, 12), (12, 7),
-            (13, 7), (14, 13), (15, 14)]
+SKELETON = [(j, parent) for j, parent in enumerate(PARENTS) if parent >= 0]  # the bones drawn
 
 
 def contact_sheet(dataset, n, path):
