@@ -544,40 +544,6 @@ class SyntheticHumans(torch.utils.data.Dataset):
         return sample
 
 
-def flip_sample(sample):
-    """Mirror a sample left-right: images flipped, keypoint x -> W - 1 - x with slots swapped by FLIP_JOINTS, part
-    labels (and iuv's part channel) remapped by FLIP_PARTS, the u surface coordinate mirrored (u -> 1 - u on the
-    person), joints3d x negated and swapped, cx -> W - 1 - cx. Works on samples that lack RGB or depth."""
-    out = dict(sample)
-    W = next(sample[k] for k in ("rgb", "depth", "parts", "mask") if k in sample).shape[-1]
-    fj, fp = torch.tensor(FLIP_JOINTS), torch.tensor(FLIP_PARTS)
-    for k in ("rgb", "depth", "mask"):
-        if k in sample:
-            out[k] = sample[k].flip(-1)
-    if "parts" in sample:
-        parts = sample["parts"].flip(-1)
-        out["parts"] = torch.where(parts == 255, parts, fp[parts.clamp(max=24)])
-    if "iuv" in sample:
-        iuv = sample["iuv"].flip(-1).clone()
-        body = iuv[0] > 0
-        iuv[0] = fp[iuv[0].long()].float()
-        iuv[1] = torch.where(body, 1 - iuv[1], iuv[1])
-        out["iuv"] = iuv
-    if "keypoints" in sample:
-        kp = sample["keypoints"][fj].clone()
-        kp[:, 0] = W - 1 - kp[:, 0]
-        out["keypoints"], out["keypoints_visible"] = kp, sample["keypoints_visible"][fj]
-    if "joints3d" in sample:
-        j3 = sample["joints3d"][fj].clone()
-        j3[:, 0] = -j3[:, 0]
-        out["joints3d"] = j3
-    if "intrinsics" in sample:
-        K = sample["intrinsics"].clone()
-        K[0, 2] = W - 1 - K[0, 2]
-        out["intrinsics"] = K
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- contact sheet
 PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.15, 1, (24, 3))])
 SKELETON = [(j, parent) for j, parent in enumerate(PARENTS) if parent >= 0]  # the bones drawn
