@@ -546,7 +546,23 @@ class SyntheticHumans(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------- contact sheet
 PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.15, 1, (24, 3))])
-SKELETON = [(j, parent) for j, parent in enumerate(PARENTS) if parent >= 0]  # the bones drawn
+
+
+def parts_image(parts):
+    """Part labels [H, W] (tensor) -> colours [H, W, 3]; label 255 (outside the image after a transform, ignored by
+    the losses) in white."""
+    p = parts.numpy()
+    return np.where((p == 255)[..., None], 1.0, PART_COLOURS[p.clip(0, 24)])
+
+
+def draw_skeleton(ax, keypoints, visible):
+    """Keypoints [16, 2] and their bones (PARENTS) on a matplotlib axis, where both ends are visible [16]: left limbs
+    green, the rest red."""
+    kp, vis = keypoints.numpy(), visible.numpy()
+    for j, parent in enumerate(PARENTS):
+        if parent >= 0 and vis[j] and vis[parent]:
+            ax.plot(*kp[[j, parent]].T, color="lime" if JOINT_NAMES[j].startswith("l_") else "red", lw=1.5)
+    ax.scatter(*kp[vis].T, s=10, c="yellow", zorder=3)
 
 
 def contact_sheet(dataset, n, path):
@@ -560,15 +576,11 @@ def contact_sheet(dataset, n, path):
         s = dataset[row]
         ax = axes[row]
         ax[0].imshow(s["rgb"].permute(1, 2, 0).numpy())
-        kp, vis = s["keypoints"].numpy(), s["keypoints_visible"].numpy()
-        for a, b in SKELETON:
-            if vis[a] and vis[b]:
-                ax[0].plot(*kp[[a, b]].T, color="lime" if a in (3, 4, 5, 13, 14, 15) else "red", lw=1)
-        ax[0].scatter(*kp[vis].T, s=4, c="yellow")
+        draw_skeleton(ax[0], s["keypoints"], s["keypoints_visible"])
         if "depth" in s:
             d = s["depth"][0].numpy()
             ax[1].imshow(np.ma.masked_equal(d, 0), cmap="turbo")
-        ax[2].imshow(PART_COLOURS[s["parts"].numpy()])
+        ax[2].imshow(parts_image(s["parts"]))
         iuv = s["iuv"].numpy()
         ax[3].imshow(PART_COLOURS[iuv[0].astype(int)] * (0.4 + 0.6 * np.stack([iuv[1], iuv[2], iuv[1]], -1)))
         for a, title in zip(ax, ["RGB + keypoints", "depth", "parts", "iuv"]):
