@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import synthetic
-from synthetic import FLIP_JOINTS, FLIP_PARTS, flip_sample
+from synthetic import FLIP_JOINTS, FLIP_PARTS
 
 MODALITIES = ("rgb", "depth", "keypoints")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -412,13 +412,47 @@ def denormalize_rgb(rgb):
     return (rgb * IMAGENET_STD.to(rgb) + IMAGENET_MEAN.to(rgb)).clamp(0, 1)
 
 
+def flip_sample(sample):
+    """Mirror a sample left-right: images flipped, keypoint x -> W - 1 - x with slots swapped by FLIP_JOINTS, part
+    labels (and iuv's part channel) remapped by FLIP_PARTS, the u surface coordinate mirrored (u -> 1 - u on the
+    person), joints3d x negated and swapped, cx -> W - 1 - cx. Works on samples that lack RGB or depth."""
+    out = dict(sample)
+    W = next(sample[k] for k in ("rgb", "depth", "parts", "mask") if k in sample).shape[-1]
+    fj, fp = torch.tensor(FLIP_JOINTS), torch.tensor(FLIP_PARTS)
+    for k in ("rgb", "depth", "mask"):
+        if k in sample:
+            out[k] = sample[k].flip(-1)
+    if "parts" in sample:
+        parts = sample["parts"].flip(-1)
+        out["parts"] = torch.where(parts == 255, parts, fp[parts.clamp(max=24)])
+    if "iuv" in sample:
+        iuv = sample["iuv"].flip(-1).clone()
+        body = iuv[0] > 0
+        iuv[0] = fp[iuv[0].long()].float()
+        iuv[1] = torch.where(body, 1 - iuv[1], iuv[1])
+        out["iuv"] = iuv
+    if "keypoints" in sample:
+        kp = sample["keypoints"][fj].clone()
+        kp[:, 0] = W - 1 - kp[:, 0]
+        out["keypoints"], out["keypoints_visible"] = kp, sample["keypoints_visible"][fj]
+    if "joints3d" in sample:
+        j3 = sample["joints3d"][fj].clone()
+        j3[:, 0] = -j3[:, 0]
+        out["joints3d"] = j3
+    if "intrinsics" in sample:
+        K = sample["intrinsics"].clone()
+        K[0, 2] = W - 1 - K[0, 2]
+        out["intrinsics"] = K
+    return out
+
+
 class PairedTransform:
     """One random geometric transform applied identically to every modality and label of a sample.
 
     Train: the geometry comes from `recipe`:
       'cpu'   a rotation uniform in +-rotate deg, a log-uniform scale in `scale` and a translation of up to
               +-translate of the image about the image centre, a horizontal flip with probability `flip` (keypoint
-              slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: synthetic.flip_sample), colour jitter on RGB.
+              slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: flip_sample), colour jitter on RGB.
               The CPU preset's and fine-tuning's choice (README, "Departures").
       'ntu'   the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the frame's,
               centred at a uniform point of the visible joints' bounding box; no rotation, flip or colour jitter.

@@ -227,10 +227,6 @@ def merge_maps(maps):
 
 
 # ---------------------------------------------------------------------------------------------------------- SemGCN
-# MPII-16 order (0 r-ankle ... 15 l-wrist); the parent of each joint, the pelvis (6) being the root.
-MPII_PARENTS = [1, 2, 6, 6, 3, 4, -1, 6, 7, 8, 11, 12, 7, 7, 13, 14]
-
-
 def skeleton_adjacency(parents):
     """[J, J] bool adjacency with self loops from a parent list."""
     J = len(parents)
@@ -295,10 +291,11 @@ class ResGraphBlock(nn.Module):
 class SemGCN(nn.Module):
     """Keypoint encoder: SemGraphConv input layer, `layers` residual blocks of two SemGraphConvs, output layer.
 
-    keypoints [B, J, in_dim] (normalised coordinates), visible [B, J] bool or None -> [B, J, hidden].
-    Invisible joints' inputs are zeroed and they feed no neighbour at any layer."""
+    parents: the skeleton's parent list, parents[j] the joint that j hangs from (-1 for the root); its bones and
+    the self loops are the graph. keypoints [B, J, in_dim] (normalised coordinates), visible [B, J] bool or None
+    -> [B, J, hidden]. Invisible joints' inputs are zeroed and they feed no neighbour at any layer."""
 
-    def __init__(self, hidden=128, layers=4, in_dim=2, parents=MPII_PARENTS):
+    def __init__(self, hidden=128, layers=4, in_dim=2, *, parents):
         super().__init__()
         adjacency = skeleton_adjacency(parents)
         self.input = GraphConvBlock(in_dim, hidden, adjacency)

@@ -17,13 +17,17 @@ Only numpy and torch are imported, so the file can be copied alone.
 """
 import argparse
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-# MPII-16 joint order (docs/conventions.md). FLIP_JOINTS[j] is the joint that j becomes in a mirrored image.
+# MPII-16 joint order (docs/conventions.md). PARENTS[j] is the joint that j hangs from in the skeleton (-1 for the
+# root, the pelvis): its bones are the edges of the keypoint encoder's graph and the lines drawn. FLIP_JOINTS[j] is
+# the joint that j becomes in a mirrored image.
 JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
                "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
+PARENTS = [1, 2, 6, 6, 3, 4, -1, 6, 7, 8, 11, 12, 7, 7, 13, 14]
 FLIP_JOINTS = [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
 
 # 0 background + the 24 parts in the paper's table order. FLIP_PARTS[p] is the label p becomes when mirrored.
@@ -32,8 +36,8 @@ PART_NAMES = ["background", "right_hip", "right_knee", "right_foot", "left_hip",
               "right_thigh", "right_calf", "left_thigh", "left_calf", "lower_spine", "upper_spine", "head",
               "left_arm", "left_forearm", "right_arm", "right_forearm"]
 FLIP_PARTS = [0, 4, 5, 6, 1, 2, 3, 10, 11, 12, 7, 8, 9, 13, 16, 17, 14, 15, 18, 19, 20, 23, 24, 21, 22]
-P = {name: i for i, name in enumerate(PART_NAMES)}
-J = {name: i for i, name in enumerate(JOINT_NAMES)}
+PART_INDEX = {name: i for i, name in enumerate(PART_NAMES)}
+JOINT_INDEX = {name: i for i, name in enumerate(JOINT_NAMES)}
 
 POSES = ["standing", "walking", "sitting", "reaching", "arms_raised", "bending", "turning"]
 KINECT_FX, KINECT_WIDTH = 365.0, 512  # Kinect v2 depth camera
@@ -49,6 +53,14 @@ GARMENT = {"upper_spine": "shirt", "lower_spine": "shirt", "left_shoulder": "shi
 
 
 # ------------------------------------------------------------------------------------------------ body and pose
+class Primitive(NamedTuple):
+    """A labelled ellipsoid: the points x with |diag(1 / radii) rotation^T (x - centre)| <= 1."""
+    part: int  # index into PART_NAMES
+    centre: np.ndarray  # [3] metres
+    rotation: np.ndarray  # [3, 3] the ellipsoid's axes as columns, column 1 the long axis
+    radii: np.ndarray  # [3] along those axes
+
+
 def limb_dir(flex, abd, side):
     """Unit vector of a limb hanging down, swung forward by `flex` and outward (side = -1 right, +1 left) by `abd`."""
     return np.array([side * math.sin(abd), -math.cos(abd) * math.cos(flex), math.cos(abd) * math.sin(flex)])
@@ -107,86 +119,107 @@ def sample_pose(rng, pose):
     return a
 
 
-def build_body(rng, pose):
-    """Joints [16, 3] (body frame, metres) and the primitives: list of (part, centre, axis rotation [3,3] whose
-    column 1 is the long axis, radii [3])."""
+def proportions(rng):
+    """Height H, build (girth, 1 = average) and the bone lengths and half-widths of one person, in metres."""
     H = rng.uniform(1.5, 1.95)
     build = rng.uniform(0.85, 1.25)
-    a = sample_pose(rng, pose)
-    thigh, calf, spine, neck, head = 0.245 * H, 0.245 * H, 0.29 * H, 0.05 * H, 0.12 * H
-    upper_arm, forearm = 0.17 * H, 0.145 * H
-    hip_w, sh_w = 0.055 * H * build, 0.11 * H * min(build, 1.1)
+    return dict(H=H, build=build, thigh=0.245 * H, calf=0.245 * H, spine=0.29 * H, neck=0.05 * H, head=0.12 * H,
+                upper_arm=0.17 * H, forearm=0.145 * H, hip_w=0.055 * H * build, sh_w=0.11 * H * min(build, 1.1))
 
-    j = np.zeros((16, 3))
+
+def skeleton(dims, a):
+    """Joints [16, 3] (body frame, pelvis at the origin) of a person of proportions `dims` in the joint angles `a`
+    of sample_pose, and the torso's rotation T [3, 3]. The legs hang from the hips; the upper body is built upright
+    in a torso frame, then bent forward, leaned sideways and twisted about the pelvis by T."""
+    H = dims["H"]
     pelvis = np.zeros(3)
-    j[J["pelvis"]] = pelvis
+    at = {"pelvis": pelvis}
     for side, (hip, knee, ankle), k in [(-1, ("r_hip", "r_knee", "r_ankle"), 0), (1, ("l_hip", "l_knee", "l_ankle"), 1)]:
-        j[J[hip]] = pelvis + [side * hip_w, -0.04 * H, 0]
-        j[J[knee]] = j[J[hip]] + thigh * limb_dir(a["hip_flex"][k], a["hip_abd"][k], side)
-        j[J[ankle]] = j[J[knee]] + calf * limb_dir(a["hip_flex"][k] - a["knee"][k], a["hip_abd"][k] * 0.5, side)
+        at[hip] = pelvis + [side * dims["hip_w"], -0.04 * H, 0]
+        at[knee] = at[hip] + dims["thigh"] * limb_dir(a["hip_flex"][k], a["hip_abd"][k], side)
+        at[ankle] = at[knee] + dims["calf"] * limb_dir(a["hip_flex"][k] - a["knee"][k], a["hip_abd"][k] * 0.5, side)
 
-    # upper body in a torso frame, then bent forward, leaned sideways and twisted about the pelvis
     T = rot_y(a["twist"]) @ rot_x(-a["bend"]) @ rot_z(a["lean"])
-    up = {"thorax": np.array([0, spine, 0])}
-    up["upper_neck"] = up["thorax"] + [0, neck, 0]
+    up = {"thorax": np.array([0, dims["spine"], 0])}
+    up["upper_neck"] = up["thorax"] + [0, dims["neck"], 0]
     Hd = rot_y(a["head_yaw"]) @ rot_x(-a["head_pitch"])
-    up["head_top"] = up["upper_neck"] + Hd @ [0, head, 0]
+    up["head_top"] = up["upper_neck"] + Hd @ [0, dims["head"], 0]
     for side, (sh, el, wr), k in [(-1, ("r_shoulder", "r_elbow", "r_wrist"), 0),
                                    (1, ("l_shoulder", "l_elbow", "l_wrist"), 1)]:
-        up[sh] = up["thorax"] + [side * sh_w, -0.01 * H, 0]
-        up[el] = up[sh] + upper_arm * limb_dir(a["sh_flex"][k], a["sh_abd"][k], side)
-        up[wr] = up[el] + forearm * limb_dir(a["sh_flex"][k] + a["elbow"][k], a["sh_abd"][k], side)
-    for name, p in up.items():
-        j[J[name]] = pelvis + T @ p
+        up[sh] = up["thorax"] + [side * dims["sh_w"], -0.01 * H, 0]
+        up[el] = up[sh] + dims["upper_arm"] * limb_dir(a["sh_flex"][k], a["sh_abd"][k], side)
+        up[wr] = up[el] + dims["forearm"] * limb_dir(a["sh_flex"][k] + a["elbow"][k], a["sh_abd"][k], side)
+    at.update({name: pelvis + T @ p for name, p in up.items()})
+    return np.stack([at[name] for name in JOINT_NAMES]), T
 
+
+def body(joints, T, dims):
+    """The primitives on a skeleton, in a fixed order: per side (right, left) thigh, calf, hip, knee, foot, upper
+    arm, forearm, shoulder, elbow, hand; then the spine's two halves, crotch, neck (labelled head) and head."""
+    H, build, spine = dims["H"], dims["build"], dims["spine"]
     r = 0.01 * H * build  # radius unit
-    prims = []
+    at = dict(zip(JOINT_NAMES, joints))
 
-    def seg(part, p0, p1, radius, flat=1.0, extend=0.3):
+    def ellipsoid(part, centre, axis, radii):
+        # column 2 faces the torso's forward, so flattened parts (torso, hands, feet) lie flat to the body
+        return Primitive(PART_INDEX[part], np.array(centre, float), frame(np.asarray(axis, float), T[:, 2]),
+                         np.array(radii, float))
+
+    def along(p0, p1):
+        """Centre and unit direction of the segment p0 -> p1."""
         axis = p1 - p0
-        length = np.linalg.norm(axis)
-        prims.append((P[part], (p0 + p1) / 2, frame(axis / length, T[:, 2]),
-                      np.array([radius, length / 2 + extend * radius, radius * flat])))
+        return (p0 + p1) / 2, axis / np.linalg.norm(axis)
 
-    def ball(part, c, radius, axis=(0, 1, 0), elong=1.0, flat=1.0):
-        prims.append((P[part], np.array(c, float), frame(np.asarray(axis, float), T[:, 2]),
-                      np.array([radius, radius * elong, radius * flat])))
+    def bone(part, p0, p1, radius, extend):
+        """Round across, reaching `extend` radii past p0 and p1."""
+        return ellipsoid(part, *along(p0, p1), [radius, np.linalg.norm(p1 - p0) / 2 + extend * radius, radius])
 
+    def ball(part, centre, radius):
+        return ellipsoid(part, centre, (0, 1, 0), [radius, radius, radius])
+
+    prims = []
+    foot_dir = np.array([0.0, -0.25, 1.0]) / math.hypot(0.25, 1.0)
     for s, side in (("r", "right"), ("l", "left")):
-        hip, knee, ankle = j[J[f"{s}_hip"]], j[J[f"{s}_knee"]], j[J[f"{s}_ankle"]]
-        sh, el, wr = j[J[f"{s}_shoulder"]], j[J[f"{s}_elbow"]], j[J[f"{s}_wrist"]]
-        seg(f"{side}_thigh", hip, knee, 6.5 * r, extend=0.1)
-        seg(f"{side}_calf", knee, ankle, 4.8 * r, extend=0.1)
-        ball(f"{side}_hip", hip, 8.2 * r)
-        ball(f"{side}_knee", knee, 5.8 * r)
-        foot_dir = np.array([0.0, -0.25, 1.0]) / math.hypot(0.25, 1.0)
-        ball(f"{side}_foot", ankle + 0.05 * H * foot_dir + [0, -0.015 * H, 0], 0.045 * H, axis=foot_dir,
-             elong=1.0, flat=0.45 * build)
-        seg(f"{side}_arm", sh, el, 4.4 * r, extend=0.1)
-        seg(f"{side}_forearm", el, wr, 3.6 * r, extend=0.1)
-        ball(f"{side}_shoulder", sh, 5.6 * r)
-        ball(f"{side}_elbow", el, 4.3 * r)
+        hip, knee, ankle = at[f"{s}_hip"], at[f"{s}_knee"], at[f"{s}_ankle"]
+        sh, el, wr = at[f"{s}_shoulder"], at[f"{s}_elbow"], at[f"{s}_wrist"]
         hand_dir = (wr - el) / np.linalg.norm(wr - el)
-        ball(f"{side}_hand", wr + 0.045 * H * hand_dir, 0.05 * H, axis=hand_dir, elong=1.0, flat=0.45)
-        prims[-1][3][:] = [0.025 * H, 0.05 * H, 0.012 * H]
-    thorax, neck_p = j[J["thorax"]], j[J["upper_neck"]]
+        prims += [bone(f"{side}_thigh", hip, knee, 6.5 * r, 0.1),
+                  bone(f"{side}_calf", knee, ankle, 4.8 * r, 0.1),
+                  ball(f"{side}_hip", hip, 8.2 * r),
+                  ball(f"{side}_knee", knee, 5.8 * r),
+                  ellipsoid(f"{side}_foot", ankle + 0.05 * H * foot_dir + [0, -0.015 * H, 0], foot_dir,
+                            [0.045 * H, 0.045 * H, 0.045 * H * (0.45 * build)]),
+                  bone(f"{side}_arm", sh, el, 4.4 * r, 0.1),
+                  bone(f"{side}_forearm", el, wr, 3.6 * r, 0.1),
+                  ball(f"{side}_shoulder", sh, 5.6 * r),
+                  ball(f"{side}_elbow", el, 4.3 * r),
+                  ellipsoid(f"{side}_hand", wr + 0.045 * H * hand_dir, hand_dir, [0.025 * H, 0.05 * H, 0.012 * H])]
+    pelvis, thorax, neck, head_top = at["pelvis"], at["thorax"], at["upper_neck"], at["head_top"]
     mid = pelvis + T @ [0, 0.45 * spine, 0]
-    seg("lower_spine", pelvis + T @ [0, 0.05 * spine, 0], mid, 0.0, extend=0)
-    prims[-1][3][:] = [hip_w + 6 * r, 0.26 * spine, 8.5 * r]
-    seg("upper_spine", mid, thorax, 0.0, extend=0)
-    prims[-1][3][:] = [sh_w * 0.95, 0.33 * spine, 9.5 * r]
-    ball("crotch", pelvis + [0, -0.06 * H, 0], 0.7 * hip_w + 3 * r, elong=1.0, flat=0.9)
-    seg("head", thorax, neck_p, 3.8 * r, extend=0.6)  # the neck, labelled head
-    head_c = (neck_p + j[J["head_top"]]) / 2
-    ball("head", head_c + 0.01 * H * (head_c - neck_p) / np.linalg.norm(head_c - neck_p),
-         0.052 * H, axis=j[J["head_top"]] - neck_p, elong=1.3, flat=1.05)
+    crotch = 0.7 * dims["hip_w"] + 3 * r
+    head_c = (neck + head_top) / 2
+    head = 0.052 * H
+    prims += [ellipsoid("lower_spine", *along(pelvis + T @ [0, 0.05 * spine, 0], mid),
+                        [dims["hip_w"] + 6 * r, 0.26 * spine, 8.5 * r]),
+              ellipsoid("upper_spine", *along(mid, thorax), [dims["sh_w"] * 0.95, 0.33 * spine, 9.5 * r]),
+              ellipsoid("crotch", pelvis + [0, -0.06 * H, 0], (0, 1, 0), [crotch, crotch, crotch * 0.9]),
+              bone("head", thorax, neck, 3.8 * r, 0.6),  # the neck, labelled head
+              ellipsoid("head", head_c + 0.01 * H * (head_c - neck) / np.linalg.norm(head_c - neck), head_top - neck,
+                        [head, head * 1.3, head * 1.05])]
+    return prims
 
+
+def build_body(rng, pose):
+    """A person of random proportions in a random variant of `pose`, standing on the floor: joints [16, 3] (body
+    frame, metres) and its primitives."""
+    dims = proportions(rng)
+    joints, T = skeleton(dims, sample_pose(rng, pose))
+    prims = body(joints, T, dims)
     # stand on the floor: the lowest foot touches Y = 0
-    lowest = min(c[1] - rad[1] * 0.6 for part, c, R, rad in prims if part in (P["left_foot"], P["right_foot"]))
+    feet = (PART_INDEX["left_foot"], PART_INDEX["right_foot"])
+    lowest = min(p.centre[1] - p.radii[1] * 0.6 for p in prims if p.part in feet)
     shift = np.array([0, -lowest, 0])
-    j += shift
-    prims = [(part, c + shift, R, rad) for part, c, R, rad in prims]
-    return j, prims
+    return joints + shift, [p._replace(centre=p.centre + shift) for p in prims]
 
 
 def frame(axis, forward):
@@ -227,13 +260,22 @@ def camera(rng, joints, image_size, yaw=None):
     return origin, R, K
 
 
+def pixel_rays(R, K, image_size):
+    """World direction of the ray through every pixel centre, row by row, scaled to a unit forward component so
+    that a hit's ray parameter t is its depth along the optical axis: [N, 3], N = image_size^2."""
+    s = image_size
+    v, u = np.mgrid[0:s, 0:s]
+    rays = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(s * s)], 1)
+    return rays @ R
+
+
 def ray_cast(prims, origin, dirs):
     """Nearest hit of every ray with the ellipsoids |A_q (o + t d - c_q)| = 1, A_q = diag(1/radii) R_q^T:
         a t^2 + 2 b t + c = 0,  a = d^T G_q d,  b = (A_q^T o'_q) . d,  c = |o'_q|^2 - 1,  G_q = A_q^T A_q,
     with o'_q = A_q (o - c_q); a and b for all rays and ellipsoids are two matrix products.
     dirs [N, 3] -> t [N] (inf = miss), primitive index [N], local hit coordinates on the unit sphere [N, 3]."""
-    centres = np.stack([p[1] for p in prims])  # [Q, 3]
-    A = np.stack([(p[2] / p[3]).T for p in prims])  # [Q, 3, 3]
+    centres = np.stack([p.centre for p in prims])  # [Q, 3]
+    A = np.stack([(p.rotation / p.radii).T for p in prims])  # [Q, 3, 3]
     o = np.einsum("qij,qj->qi", A, origin - centres)  # [Q, 3]
     G = np.einsum("qki,qkj->qij", A, A)  # [Q, 3, 3]
     iu = ([0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2])
@@ -252,8 +294,36 @@ def ray_cast(prims, origin, dirs):
     return t_hit, q, local
 
 
-def background_indoor(rng, origin, R, dirs, image_size):
-    """Floor (Y = 0) and a back wall behind the person, a few boxes: depth along the optical axis and colours."""
+def cast_person(prims, origin, R, K, dirs, image_size):
+    """The person seen along the rays of pixel_rays: t [N] (optical-axis depth, inf = not the person), part label
+    [N] (0 off the person), surface coordinates uv [N, 2] in [0, 1], the hit on its ellipsoid's unit sphere local
+    [N, 3] and the unit surface normal [N, 3]."""
+    s = image_size
+    v, u = np.divmod(np.arange(s * s), s)  # the pixel of each ray
+    # only rays inside the person's projected bounding box can hit it
+    cam = (np.stack([p.centre for p in prims]) - origin) @ R.T  # [Q, 3] centres in the camera frame
+    reach = np.array([p.radii.max() for p in prims]) / cam[:, 2] * K[0, 0]  # [Q] projected bounding radius
+    centre_px = cam[:, :2] / cam[:, 2:] * K[0, 0] + K[:2, 2]
+    lo, hi = (centre_px - reach[:, None]).min(0), (centre_px + reach[:, None]).max(0)
+    box = np.flatnonzero((u >= lo[0]) & (u <= hi[0]) & (v >= lo[1]) & (v <= hi[1]))
+    t = np.full(s * s, np.inf)
+    q = np.zeros(s * s, dtype=int)
+    local = np.zeros((s * s, 3))
+    t[box], q[box], local[box] = ray_cast(prims, origin, dirs[box])
+    person = np.isfinite(t)
+    parts = np.where(person, np.array([p.part for p in prims])[q], 0)
+    uv = np.stack([np.arctan2(local[:, 0], local[:, 2]) / (2 * math.pi) + 0.5, (local[:, 1] + 1) / 2], 1)
+    uv = np.where(person[:, None], np.clip(uv, 0, 1), 0.0)
+    # normal: gradient of |A(x - c)|^2, i.e. A^T A (x - c), expressed back in the world
+    A = np.stack([(p.rotation / p.radii).T for p in prims])
+    normal = np.einsum("nji,nj->ni", A[q], local)
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
+    return t, parts, uv, local, normal
+
+
+def background_indoor(rng, origin, R, dirs):
+    """Floor (Y = 0) and a back wall behind the person, a few boxes, seen along the unit directions dirs [N, 3]:
+    depth along the optical axis [N] (0 = nothing), colours [N, 3] and normals [N, 3]."""
     n = len(dirs)
     t = np.full(n, np.inf)
     colour = np.zeros((n, 3))
@@ -298,7 +368,8 @@ def background_indoor(rng, origin, R, dirs, image_size):
 
 
 def background_wild(rng, image_size):
-    """A 2D cluttered scene: a blurred gradient, noise texture and random rectangles and blobs."""
+    """A 2D cluttered scene: a blurred gradient, noise texture and random rectangles and blobs; it has no depth (0)
+    and no normals (it is left unshaded). Depth [N], colours [N, 3] and normals [N, 3], as background_indoor."""
     s = image_size
     yy, xx = np.mgrid[0:s, 0:s] / s
     img = rng.uniform(0, 1, 3) * (1 - yy[..., None]) + rng.uniform(0, 1, 3) * yy[..., None]
@@ -313,7 +384,7 @@ def background_wild(rng, image_size):
         else:
             m = ((xx - x0) / w) ** 2 + ((yy - y0) / h) ** 2 < 1
         img[m] = col * rng.uniform(0.7, 1.0)
-    return np.clip(img, 0, 1).reshape(-1, 3)
+    return np.zeros(s * s), np.clip(img, 0, 1).reshape(-1, 3), np.zeros((s * s, 3))
 
 
 def garment_colours(rng):
@@ -336,20 +407,34 @@ def albedo(parts, uv, local, g):
             garment = "shirt" if g["long_sleeves"] else "skin"
         if garment == "leg":
             garment = "skin" if g["shorts"] else "trousers"
-        table[P[name]] = g[garment] if garment in g else g["skin"]
-        tex[P[name]] = g["shirt_pattern"] if garment == "shirt" else g["trousers_pattern"] if garment == "trousers" else 0
+        p = PART_INDEX[name]
+        table[p] = g[garment] if garment in g else g["skin"]
+        tex[p] = g["shirt_pattern"] if garment == "shirt" else g["trousers_pattern"] if garment == "trousers" else 0
     col = table[parts]
     stripes = 0.5 + 0.5 * np.sign(np.sin(uv[:, 1] * g["freq"] * 2 * math.pi))
     checks = 0.5 + 0.5 * np.sign(np.sin(uv[:, 1] * g["freq"] * 6) * np.sin(uv[:, 0] * 24))
     pattern = np.select([tex[parts] == 1, tex[parts] == 2], [stripes, checks], 1.0)
     col = col * (0.65 + 0.35 * pattern[:, None])
-    hair = (parts == P["head"]) & (local[:, 1] > 0.25) | (parts == P["head"]) & (local[:, 2] < -0.3) & (local[:, 1] > -0.3)
+    head = parts == PART_INDEX["head"]
+    hair = head & (local[:, 1] > 0.25) | head & (local[:, 2] < -0.3) & (local[:, 1] > -0.3)
     col[hair] = g["hair"]
     return col
 
 
+def lighting(rng):
+    """A directional light from above (unit vector [3]) and the ambient share of the shading."""
+    light = np.array([rng.uniform(-1, 1), rng.uniform(0.3, 1.5), rng.uniform(-1, 1)])
+    return light / np.linalg.norm(light), rng.uniform(0.3, 0.55)
+
+
+def lambert(normal, light, ambient):
+    """Lambertian shading of unit normals [N, 3]: ambient + (1 - ambient) max(0, n . light), [N]."""
+    return ambient + (1 - ambient) * np.clip(normal @ light, 0, 1)
+
+
 def render(params, image_size):
-    """Ray cast a person (and an indoor room) without sensor noise.
+    """Ray cast a person (and an indoor room) without sensor noise: the body and the camera, the pixels' rays, the
+    person they hit, the background, then both shaded by one light and composited.
 
     params: dict from `sample_params`. Returns a dict of numpy arrays: rgb [H,W,3] in [0,1], depth [H,W] metres
     (0 = nothing), parts [H,W], uv [H,W,2], normal_dot [H,W] (cos of the angle between surface and view ray),
@@ -357,51 +442,25 @@ def render(params, image_size):
     rng = np.random.default_rng(params["seed"])
     joints, prims = build_body(rng, params["pose"])
     origin, R, K = camera(rng, joints, image_size, params.get("yaw"))
-    s = image_size
-    v, u = np.mgrid[0:s, 0:s]
-    rays = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1], np.ones(s * s)], 1)
-    dirs = rays @ R  # [N, 3] world directions with unit forward component
-    dirs_n = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
-
-    # only rays inside the person's projected bounding box can hit it
-    cam = (np.stack([p[1] for p in prims]) - origin) @ R.T  # [Q, 3] centres in the camera frame
-    reach = np.array([p[3].max() for p in prims]) / cam[:, 2] * K[0, 0]  # [Q] projected bounding radius
-    centre_px = cam[:, :2] / cam[:, 2:] * K[0, 0] + K[:2, 2]
-    lo, hi = (centre_px - reach[:, None]).min(0), (centre_px + reach[:, None]).max(0)
-    box = np.flatnonzero((u.ravel() >= lo[0]) & (u.ravel() <= hi[0]) & (v.ravel() >= lo[1]) & (v.ravel() <= hi[1]))
-    t = np.full(s * s, np.inf)
-    q = np.zeros(s * s, dtype=int)
-    local = np.zeros((s * s, 3))
-    t[box], q[box], local[box] = ray_cast(prims, origin, dirs[box])
-    person = np.isfinite(t)
-    part_of = np.array([p[0] for p in prims])
-    parts = np.where(person, part_of[q], 0)
-    uv = np.stack([np.arctan2(local[:, 0], local[:, 2]) / (2 * math.pi) + 0.5, (local[:, 1] + 1) / 2], 1)
-    uv = np.where(person[:, None], np.clip(uv, 0, 1), 0.0)
-    # normal: gradient of |A(x - c)|^2, i.e. A^T A (x - c), expressed back in the world
-    A = np.stack([(p[2] / p[3]).T for p in prims])
-    normal = np.einsum("nji,nj->ni", A[q], local)
-    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
-    depth = np.where(person, t, 0.0)  # dirs have unit forward component: t is the optical-axis depth
-
+    dirs = pixel_rays(R, K, image_size)  # [N, 3]
+    view = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)  # [N, 3] unit
+    t, parts, uv, local, normal = cast_person(prims, origin, R, K, dirs, image_size)
     if params["domain"] == "indoor":
-        bg_depth, bg_col, bg_normal = background_indoor(rng, origin, R, dirs_n, s)
-        bg_depth = bg_depth  # already along the optical axis
+        bg_depth, bg_colour, bg_normal = background_indoor(rng, origin, R, view)
     else:
-        bg_depth, bg_col, bg_normal = np.zeros(s * s), background_wild(rng, s), np.zeros((s * s, 3))
-    g = garment_colours(rng)
-    light = np.array([rng.uniform(-1, 1), rng.uniform(0.3, 1.5), rng.uniform(-1, 1)])
-    light /= np.linalg.norm(light)
-    ambient = rng.uniform(0.3, 0.55)
-    col = albedo(parts, uv, local, g)
-    shade = ambient + (1 - ambient) * np.clip(normal @ light, 0, 1)
-    bg_shade = np.where(np.abs(bg_normal).sum(1) > 0, ambient + (1 - ambient) * np.clip(bg_normal @ light, 0, 1), 1.0)
-    rgb = np.where(person[:, None], col * shade[:, None], bg_col * bg_shade[:, None])
-    depth = np.where(person, depth, bg_depth)
-    normal_dot = np.abs((np.where(person[:, None], normal, bg_normal) * dirs_n).sum(1))
+        bg_depth, bg_colour, bg_normal = background_wild(rng, image_size)
+
+    colour = albedo(parts, uv, local, garment_colours(rng))
+    light, ambient = lighting(rng)
+    bg_shade = np.where(np.abs(bg_normal).sum(1) > 0, lambert(bg_normal, light, ambient), 1.0)  # no normal: unlit
+    person = np.isfinite(t)
+    rgb = np.where(person[:, None], colour * lambert(normal, light, ambient)[:, None], bg_colour * bg_shade[:, None])
+    depth = np.where(person, t, bg_depth)
+    normal_dot = np.abs((np.where(person[:, None], normal, bg_normal) * view).sum(1))
 
     cam_joints = (joints - origin) @ R.T
     keypoints = cam_joints[:, :2] / cam_joints[:, 2:] * [K[0, 0], K[1, 1]] + K[:2, 2]
+    s = image_size
     return dict(rgb=rgb.reshape(s, s, 3), depth=depth.reshape(s, s), parts=parts.reshape(s, s),
                 uv=uv.reshape(s, s, 2), normal_dot=normal_dot.reshape(s, s), keypoints=keypoints,
                 joints3d=cam_joints, K=K)
@@ -485,44 +544,25 @@ class SyntheticHumans(torch.utils.data.Dataset):
         return sample
 
 
-def flip_sample(sample):
-    """Mirror a sample left-right: images flipped, keypoint x -> W - 1 - x with slots swapped by FLIP_JOINTS, part
-    labels (and iuv's part channel) remapped by FLIP_PARTS, the u surface coordinate mirrored (u -> 1 - u on the
-    person), joints3d x negated and swapped, cx -> W - 1 - cx. Works on samples that lack RGB or depth."""
-    out = dict(sample)
-    W = next(sample[k] for k in ("rgb", "depth", "parts", "mask") if k in sample).shape[-1]
-    fj, fp = torch.tensor(FLIP_JOINTS), torch.tensor(FLIP_PARTS)
-    for k in ("rgb", "depth", "mask"):
-        if k in sample:
-            out[k] = sample[k].flip(-1)
-    if "parts" in sample:
-        parts = sample["parts"].flip(-1)
-        out["parts"] = torch.where(parts == 255, parts, fp[parts.clamp(max=24)])
-    if "iuv" in sample:
-        iuv = sample["iuv"].flip(-1).clone()
-        body = iuv[0] > 0
-        iuv[0] = fp[iuv[0].long()].float()
-        iuv[1] = torch.where(body, 1 - iuv[1], iuv[1])
-        out["iuv"] = iuv
-    if "keypoints" in sample:
-        kp = sample["keypoints"][fj].clone()
-        kp[:, 0] = W - 1 - kp[:, 0]
-        out["keypoints"], out["keypoints_visible"] = kp, sample["keypoints_visible"][fj]
-    if "joints3d" in sample:
-        j3 = sample["joints3d"][fj].clone()
-        j3[:, 0] = -j3[:, 0]
-        out["joints3d"] = j3
-    if "intrinsics" in sample:
-        K = sample["intrinsics"].clone()
-        K[0, 2] = W - 1 - K[0, 2]
-        out["intrinsics"] = K
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- contact sheet
 PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.15, 1, (24, 3))])
-SKELETON = [(0, 1), (1, 2), (2, 6), (3, 6), (4, 3), (5, 4), (6, 7), (7, 8), (8, 9), (10, 11), (11, 12), (12, 7),
-            (13, 7), (14, 13), (15, 14)]
+
+
+def parts_image(parts):
+    """Part labels [H, W] (tensor) -> colours [H, W, 3]; label 255 (outside the image after a transform, ignored by
+    the losses) in white."""
+    p = parts.numpy()
+    return np.where((p == 255)[..., None], 1.0, PART_COLOURS[p.clip(0, 24)])
+
+
+def draw_skeleton(ax, keypoints, visible):
+    """Keypoints [16, 2] and their bones (PARENTS) on a matplotlib axis, where both ends are visible [16]: left limbs
+    green, the rest red."""
+    kp, vis = keypoints.numpy(), visible.numpy()
+    for j, parent in enumerate(PARENTS):
+        if parent >= 0 and vis[j] and vis[parent]:
+            ax.plot(*kp[[j, parent]].T, color="lime" if JOINT_NAMES[j].startswith("l_") else "red", lw=1.5)
+    ax.scatter(*kp[vis].T, s=10, c="yellow", zorder=3)
 
 
 def contact_sheet(dataset, n, path):
@@ -536,15 +576,11 @@ def contact_sheet(dataset, n, path):
         s = dataset[row]
         ax = axes[row]
         ax[0].imshow(s["rgb"].permute(1, 2, 0).numpy())
-        kp, vis = s["keypoints"].numpy(), s["keypoints_visible"].numpy()
-        for a, b in SKELETON:
-            if vis[a] and vis[b]:
-                ax[0].plot(*kp[[a, b]].T, color="lime" if a in (3, 4, 5, 13, 14, 15) else "red", lw=1)
-        ax[0].scatter(*kp[vis].T, s=4, c="yellow")
+        draw_skeleton(ax[0], s["keypoints"], s["keypoints_visible"])
         if "depth" in s:
             d = s["depth"][0].numpy()
             ax[1].imshow(np.ma.masked_equal(d, 0), cmap="turbo")
-        ax[2].imshow(PART_COLOURS[s["parts"].numpy()])
+        ax[2].imshow(parts_image(s["parts"]))
         iuv = s["iuv"].numpy()
         ax[3].imshow(PART_COLOURS[iuv[0].astype(int)] * (0.4 + 0.6 * np.stack([iuv[1], iuv[2], iuv[1]], -1)))
         for a, title in zip(ax, ["RGB + keypoints", "depth", "parts", "iuv"]):

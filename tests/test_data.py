@@ -14,7 +14,7 @@ import data
 import synthetic
 from conftest import REAL_SAMPLES, ROOT
 
-J = synthetic.J
+J = synthetic.JOINT_INDEX
 
 
 def write_jpg(path, h=120, w=160, seed=0):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import encoders as E
+from synthetic import PARENTS
 
 
 def test_hrnet_w18_matches_the_official_backbone():
@@ -48,7 +49,7 @@ def test_load_pretrained_reports_and_skips_mismatches(tmp_path, capsys):
 
 
 def test_semgcn_shapes_and_graph_locality():
-    gcn = E.SemGCN(hidden=16, layers=2).eval()
+    gcn = E.SemGCN(hidden=16, layers=2, parents=PARENTS).eval()
     x = torch.randn(2, 16, 2)
     assert gcn(x).shape == (2, 16, 16)
     layer = gcn.input.gconv
@@ -63,7 +64,7 @@ def test_semgcn_shapes_and_graph_locality():
 
 
 def test_semgcn_invisible_joints_feed_nobody():
-    gcn = E.SemGCN(hidden=8, layers=2).eval()
+    gcn = E.SemGCN(hidden=8, layers=2, parents=PARENTS).eval()
     x = torch.randn(1, 16, 2)
     visible = torch.ones(1, 16, dtype=torch.bool)
     visible[0, 10] = False  # r-wrist

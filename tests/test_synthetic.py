@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import synthetic as S
 
 SIZE = 64
@@ -68,8 +69,8 @@ def test_every_part_occurs_within_50_samples(samples):
 
 def right_left_columns(parts):
     cols = torch.arange(parts.shape[1]).expand_as(parts).float()
-    right = sum(parts == S.P[n] for n in ("right_thigh", "right_calf", "right_arm", "right_hip")).bool()
-    left = sum(parts == S.P[n] for n in ("left_thigh", "left_calf", "left_arm", "left_hip")).bool()
+    right = sum(parts == S.PART_INDEX[n] for n in ("right_thigh", "right_calf", "right_arm", "right_hip")).bool()
+    left = sum(parts == S.PART_INDEX[n] for n in ("left_thigh", "left_calf", "left_arm", "left_hip")).bool()
     return cols[right].mean(), cols[left].mean()
 
 
@@ -79,28 +80,29 @@ def test_frontal_view_shows_right_parts_on_the_image_left():
     right, left = right_left_columns(torch.from_numpy(r["parts"]))
     assert right < left
     kp = r["keypoints"]
-    assert kp[S.J["r_shoulder"], 0] < kp[S.J["l_shoulder"], 0]
+    assert kp[S.JOINT_INDEX["r_shoulder"], 0] < kp[S.JOINT_INDEX["l_shoulder"], 0]
 
 
 def test_flip_swaps_joints_and_parts_consistently(samples):
     s = samples[5]
-    f = S.flip_sample(s)
+    f = data.flip_sample(s)
     W = SIZE
-    torch.testing.assert_close(f["keypoints"][S.J["r_wrist"], 0], W - 1 - s["keypoints"][S.J["l_wrist"], 0])
-    assert f["keypoints_visible"][S.J["r_wrist"]] == s["keypoints_visible"][S.J["l_wrist"]]
+    torch.testing.assert_close(f["keypoints"][S.JOINT_INDEX["r_wrist"], 0],
+                               W - 1 - s["keypoints"][S.JOINT_INDEX["l_wrist"], 0])
+    assert f["keypoints_visible"][S.JOINT_INDEX["r_wrist"]] == s["keypoints_visible"][S.JOINT_INDEX["l_wrist"]]
     y, x = 30, 20
     assert f["parts"][y, W - 1 - x] == S.FLIP_PARTS[s["parts"][y, x]]
     assert torch.equal(f["iuv"][0].long(), f["parts"])
     for key in ("rgb", "depth", "parts", "iuv", "keypoints", "joints3d", "intrinsics"):
-        assert torch.allclose(S.flip_sample(f)[key].float(), s[key].float()), key
+        assert torch.allclose(data.flip_sample(f)[key].float(), s[key].float()), key
     # a sample whose RGB was removed (cross-modal depth -> RGB training) flips the same way
-    no_rgb = S.flip_sample({k: v for k, v in s.items() if k != "rgb"})
+    no_rgb = data.flip_sample({k: v for k, v in s.items() if k != "rgb"})
     for key in ("depth", "parts", "keypoints", "intrinsics"):
         assert torch.equal(no_rgb[key], f[key]), key
     # the mirror image of a frontal person is a frontal person: with labels remapped, right parts stay on the
     # image's left (pixels moved without remapping would put them on the right)
     r = S.render(dict(seed=[0, 0, 1], pose="standing", domain="indoor", yaw=0.0), SIZE)
-    flipped = S.flip_sample({"rgb": torch.zeros(3, W, W), "parts": torch.from_numpy(r["parts"])})
+    flipped = data.flip_sample({"rgb": torch.zeros(3, W, W), "parts": torch.from_numpy(r["parts"])})
     right, left = right_left_columns(flipped["parts"])
     assert right < left
     # projection stays consistent after a flip

@@ -1,0 +1,21 @@
+"""What every notebook runs first. Importing this file (the kernel starts in notebooks/) makes the repository root
+the working directory and puts it on sys.path, so that a notebook imports the project's modules and reads and
+writes runs/ as the command lines do."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.chdir(ROOT)
+sys.path.insert(0, ROOT)
+
+
+def experiment_results():
+    """The folder of the experiments' results.json: runs/experiments (the full run) if it holds one, else
+    runs/quick-experiments, where the quick experiments are run first if it holds none either."""
+    results = "runs/experiments"
+    if not os.path.exists(f"{results}/results.json"):
+        results = "runs/quick-experiments"
+        if not os.path.exists(f"{results}/results.json"):
+            import finetune  # only here: importing common should not load the training code
+            finetune.main(["experiments", "--quick", "--out", results, "--jobs", "1"])
+    return results
