@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import losses
 from encoders import (HRNet, PointNet2, SemGCN, depth_to_points, load_checkpoint, merge_maps, pixel_grid,
                       points_to_map)
+from synthetic import JOINT_INDEX, PARENTS
 
 MODALITIES = ("rgb", "depth", "keypoints")
 # The rows of the paper's Table 3, by the name `train.py --targets` selects them with: which levels Eq. 1 adds to
@@ -35,7 +36,7 @@ TARGETS = {"global": dict(dense="none", sparse=False),
            "global+hard": dict(dense="hard", sparse=False),
            "global+soft": dict(dense="soft", sparse=False),
            "global+soft+sparse": dict(dense="soft", sparse=True)}
-PELVIS = 6  # MPII joint index, the root of the keypoint normalisation
+PELVIS = JOINT_INDEX["pelvis"]  # the root of the keypoint normalisation
 
 
 @dataclass
@@ -137,7 +138,8 @@ class HCMoCo(nn.Module):
         else:
             depth = PointNet2(in_features=0, out_channels=sum(rgb.out_channels))
             depth_channels = depth.out_channels
-        self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=SemGCN(D, cfg.gcn_layers)))
+        keypoints = SemGCN(D, cfg.gcn_layers, parents=PARENTS)
+        self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=keypoints))
         C = {"rgb": sum(rgb.out_channels), "depth": depth_channels}
         self.global_mappers = nn.ModuleDict({m: nn.Linear(c, D) for m, c in
                                              (("rgb", C["rgb"]), ("depth", C["depth"]), ("keypoints", D))})
