@@ -41,7 +41,7 @@ import cli
 import data
 import synthetic
 import train
-from encoders import CheckpointError, HRNet, load_checkpoint, merge_maps
+from encoders import CheckpointError, back_project, load_checkpoint, merge_maps
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
@@ -170,7 +170,8 @@ class PoseHead(nn.Module):
     1/4-resolution map the other heads read, and the intrinsics lift it exactly: per joint j a heatmap H_j, whose
     soft-argmax gives (u_j, v_j), and a depth-offset map O_j read under the heatmap,
         z_j = z_person + sum_p softmax(H_j)_p O_j,p,    X_j = (u_j - cx) z_j / fx,  Y_j = (v_j - cy) z_j / fy,
-    with z_person the mean depth of the person (hcmoco.person_depth, the centre depth_input subtracts)."""
+    with z_person the mean depth of the person (hcmoco.person_depth, the centre depth_input subtracts) and the
+    lift encoders.back_project."""
 
     def __init__(self, cin, joints=16):
         super().__init__()
@@ -187,10 +188,7 @@ class PoseHead(nn.Module):
         u = (p * ((xs.flatten() + 0.5) * W / w - 0.5)).sum(-1)  # [B, J] image pixels, centres at integers
         v = (p * ((ys.flatten() + 0.5) * H / h - 0.5)).sum(-1)
         z = person_depth(depth, person)[:, None] + (p * offset.flatten(2)).sum(-1)
-        K = intrinsics
-        X = (u - K[:, 0, 2, None]) * z / K[:, 0, 0, None]
-        Y = (v - K[:, 1, 2, None]) * z / K[:, 1, 1, None]
-        return torch.stack([X, Y, z], dim=-1), torch.stack([u, v], dim=-1)  # [B, J, 3], [B, J, 2]
+        return back_project(u, v, z, intrinsics), torch.stack([u, v], dim=-1)  # [B, J, 3], [B, J, 2]
 
 
 class DensePoseHead(nn.Module):
