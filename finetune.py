@@ -25,7 +25,6 @@ HRNet state_dict (e.g. ImageNet weights).
 import argparse
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -73,7 +72,7 @@ class Config:
     test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
     h36m_root: str = ""
     ntu_parsing_root: str = ""
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     workers: int = 2
 
@@ -153,13 +152,17 @@ def densepose_metrics(part_pred, uv_pred, iuv, threshold=0.1, kappa=0.1):
 
 
 # ------------------------------------------------------------------------------------------------------- models
+def head_stem(cin, cout):
+    """The HRNetV2 head on the merged map: 1x1 conv-BN-ReLU at the map's width, then a 1x1 conv to `cout`."""
+    return nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, 1))
+
+
 class SegHead(nn.Module):
     """HRNetV2 segmentation head: merged map -> 1x1 conv-BN-ReLU -> 1x1 classifier, upsampled to the input."""
 
     def __init__(self, cin, num_classes):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                                  nn.Conv2d(cin, num_classes, 1))
+        self.body = head_stem(cin, num_classes)
 
     def forward(self, x, size):
         return F.interpolate(self.body(x), size=size, mode="bilinear", align_corners=False)
@@ -175,8 +178,7 @@ class PoseHead(nn.Module):
 
     def __init__(self, cin, joints=16):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                                  nn.Conv2d(cin, 2 * joints, 1))
+        self.body = head_stem(cin, 2 * joints)
         self.joints = joints
 
     def forward(self, x, depth, person, intrinsics, image_size):
@@ -196,8 +198,7 @@ class DensePoseHead(nn.Module):
 
     def __init__(self, cin):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                                  nn.Conv2d(cin, NUM_CLASSES + 2, 1))
+        self.body = head_stem(cin, NUM_CLASSES + 2)
 
     def forward(self, x, size):
         out = F.interpolate(self.body(x), size=size, mode="bilinear", align_corners=False)
@@ -366,8 +367,7 @@ def loader(dataset, cfg, train_mode, steps=None):
 def run(cfg):
     """Fine-tune and evaluate; writes cfg.out/metrics.json and cfg.out/model.pt (load_finetuned), returns the
     metrics."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          cfg.device.replace("auto", "cpu"))
+    device = torch.device(cli.pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     if cfg.task.endswith("probe"):
         return write_metrics(run_probe(cfg, device), cfg)
@@ -388,7 +388,7 @@ def run(cfg):
     bar = tqdm(loader(train_set, cfg, True, cfg.steps), total=cfg.steps, desc=cfg.task, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            group["lr"] = cli.cosine_lr(cfg.lr, step, cfg.steps)
         batch = data.to_device(batch, device)
         if versatile:
             loss, _ = model(batch, sources)
@@ -409,10 +409,13 @@ def run(cfg):
 
 
 def write_metrics(metrics, cfg):
-    """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table."""
+    """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table. Written
+    through a temporary file and a rename: the experiment runner takes a run with a metrics.json as done."""
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+    path = os.path.join(cfg.out, "metrics.json")
+    with open(f"{path}.tmp", "w") as f:
         json.dump(dict(metrics, config=asdict(cfg)), f, indent=1)
+    os.replace(f"{path}.tmp", path)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
                       if k not in ("iou", "sweep")}))
     return metrics
@@ -513,7 +516,7 @@ def fit_probe(x, y, lr, steps, seed, pixels=4096):
     optimizer = torch.optim.AdamW(probe.conv.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = cli.cosine_lr(lr, step, steps)
         pick = torch.randint(len(feats), (pixels,), generator=g)
         logits = feats[pick] @ probe.conv.weight[:, :, 0, 0].T + probe.conv.bias  # the 1x1 conv on single cells
         loss = F.cross_entropy(logits, labels[pick], weight=weight)
