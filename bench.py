@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -220,13 +221,13 @@ def bench_train():
     import train
     from hcmoco import HCMoCo
     preset = "paper" if DEVICE.type == "cuda" else "cpu"
-    cfg = train.resolve(train.Config(preset=preset, device=DEVICE.type,
-                                     batch_size=56 if DEVICE.type == "cuda" else 0, synthetic_samples=512))
+    cfg = replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=512,
+                  batch_size=56 if DEVICE.type == "cuda" else train.PRESETS[preset].batch_size)
     dataset = train.build_dataset(cfg)
     model = HCMoCo(train.model_config(cfg, 2, len(dataset))).to(DEVICE)
     t0 = time.perf_counter()
     samples = [dataset[(i, i)] for i in range(cfg.batch_size)]
-    batch = train.to_device(data.collate(samples), DEVICE)
+    batch = data.to_device(data.collate(samples), DEVICE)
     t_data = time.perf_counter() - t0
     bf16 = DEVICE.type == "cuda"
     if bf16:

@@ -120,6 +120,11 @@ def sample_at(maps, keypoints, image_size):
     return F.grid_sample(maps, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
 
 
+def scatter_rows(x, rows, n):
+    """x [b, ...] computed on the batch's `rows` -> [n, ...] with zeros in the other rows."""
+    return x.new_zeros(n, *x.shape[1:]).index_copy(0, rows, x)
+
+
 class HCMoCo(nn.Module):
     def __init__(self, cfg: HCMoCoConfig):
         super().__init__()
@@ -187,10 +192,9 @@ class HCMoCo(nn.Module):
             maps = self.feature_map(batch, m, rows)  # [b, C, h, w]
             g = F.normalize(self.global_mappers[m](maps.mean(dim=(2, 3))), dim=-1)
             d = F.normalize(self.dense_mappers[m](maps), dim=1)
-            out["global"][m] = g.new_zeros(B, g.shape[1]).index_copy(0, rows, g)
-            out["dense"][m] = d.new_zeros(B, *d.shape[1:]).index_copy(0, rows, d)
-            out["sparse"][m] = out["dense"][m].new_zeros(B, 16, d.shape[1]).index_copy(
-                0, rows, sample_at(d, batch["keypoints"][rows], size))
+            out["global"][m] = scatter_rows(g, rows, B)  # [B, D]
+            out["dense"][m] = scatter_rows(d, rows, B)  # [B, D, h, w]
+            out["sparse"][m] = scatter_rows(sample_at(d, batch["keypoints"][rows], size), rows, B)  # [B, J, D]
         rows = present["keypoints"].nonzero().flatten()
         if len(rows):
             vis = batch["keypoints_visible"][rows]  # [b, J]
@@ -198,8 +202,8 @@ class HCMoCo(nn.Module):
             pooled = (h * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
             g = F.normalize(self.global_mappers["keypoints"](pooled), dim=-1)
             s = F.normalize(h, dim=-1)
-            out["global"]["keypoints"] = g.new_zeros(B, g.shape[1]).index_copy(0, rows, g)
-            out["sparse"]["keypoints"] = s.new_zeros(B, *s.shape[1:]).index_copy(0, rows, s)
+            out["global"]["keypoints"] = scatter_rows(g, rows, B)
+            out["sparse"]["keypoints"] = scatter_rows(s, rows, B)
         return out
 
     # ----------------------------------------------------------------------------------------------- objective

@@ -7,8 +7,9 @@ starts from it and trains the whole hierarchy (Eq. 1).
     torchrun --nproc_per_node 8 train.py --stage 2 --preset paper --data ntu+mpii --ntu-root N --mpii-root M \
         --backbone-init hrnetv2_w18_imagenet_pretrained.pth      # as published: both HRNets from ImageNet
 
-Outputs in --out: stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG state, config; written
-atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run (Ctrl-C prints the
+Every option has its preset's value unless given (Config, PRESETS); the resolved config is printed at the start.
+Outputs in --out: config.json (that config), stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG
+state, config; written atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run (Ctrl-C prints the
 command); a finished stage1.pt found in --out is reused by stage 2.
 """
 import argparse
@@ -17,9 +18,11 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,60 +35,52 @@ import synthetic
 from encoders import CheckpointError, HRNet, load_checkpoint
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
 
-PRESETS = {
-    # CPU (2 cores, <= 10 min for both stages), each choice measured against the published recipe (README, "What
-    # it took"): He init (no ImageNet weights to replace the official std-0.001 init), AdamW with a short warm-up,
-    # in-batch Eq. 2 at tau 0.1 (a bank revisited a few times a run holds stale positives), 4,096 people rendered
-    # once into memory, the small HRNet at 64 px with batch 64 (more samples per second), 4 epochs per stage;
-    # 48 dense points: a person covers 25-60 cells of the 16 x 16 grid, drawn with replacement
-    "cpu": dict(image_size=64, hrnet="small", width=16, batch_size=64, lr=3e-3, epochs=4, num_negatives=256,
-                synthetic_samples=4096, dense_points=48, cache=True, init="he", global_loss="batch",
-                tau=0.1, optimizer="adamw", warmup=20, eval_every=64),
-    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
-    # 100 + 100 epochs, 16,384 negatives, 400 dense points per image, the published augmentation (build_dataset)
-    "paper": dict(image_size=320, hrnet="w18", width=18, batch_size=224, lr=0.03, epochs=100, num_negatives=16384,
-                  synthetic_samples=65536, dense_points=400, cache=False, init="he", global_loss="bank",
-                  tau=0.07, optimizer="sgd", warmup=0, eval_every=500),
-}
-
-# At 32 px or less the HRNet's 1/32 branch is a single cell, and BatchNorm cannot train on one value per channel,
-# which a batch holding one image of a modality gives (a mixed batch with one depth image, a tiny label subset).
-# Any larger size works: the stride-2 convolutions round up and the branches are fused by resizing to exact sizes.
-MIN_IMAGE_SIZE = 33
+HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
+STAGE_SEED = 1000  # stage k draws its batches and augmentations from seed + k * STAGE_SEED
 
 
 @dataclass
 class Config:
-    stage: int = 2
-    preset: str = "auto"  # cpu | paper | auto (paper on a GPU, cpu otherwise)
-    data: str = "synthetic"  # synthetic | ntu+mpii | ntu+coco
-    ntu_root: str = ""
-    mpii_root: str = ""
-    coco_root: str = ""
-    targets: str = "global+soft+sparse"  # stage 2's targets; stage 1 is always 'global'
-    depth_encoder: str = "hrnet"
-    epochs: int = 0  # per stage; 0 = the preset's
-    steps: int = 0  # per stage, overrides epochs (smoke runs)
-    batch_size: int = 0  # global; 0 = the preset's
-    lr: float = 0.0  # 0 = the preset's
-    image_size: int = 0
-    hrnet: str = ""
-    width: int = 0
-    num_negatives: int = 0
-    dense_points: int = 0
-    synthetic_samples: int = 0
-    cache: bool = None  # --cache / --no-cache: render the synthetic set once into memory (None = the preset's)
-    init: str = ""  # HRNet init when no --backbone-init: official | he
-    global_loss: str = ""  # bank | batch
-    tau: float = 0.0
-    optimizer: str = ""  # sgd | adamw
-    warmup: int = -1  # linear learning-rate warm-up steps per stage
-    eval_every: int = 0  # steps between held-out monitors (0 = the preset's)
+    """Every option of a run; the defaults are the CPU preset (2 cores, both stages in under 10 minutes), each
+    choice measured against the published recipe (README, "What it took"): He init (no ImageNet weights to replace
+    the official std-0.001 init), AdamW with a short warm-up, in-batch Eq. 2 at tau 0.1 (a bank revisited a few
+    times a run holds stale positives), 4,096 people rendered once into memory, the small HRNet at 64 px with
+    batch 64 (more samples per second), 4 epochs per stage; 48 dense points: a person covers 25-60 cells of the
+    16 x 16 grid, drawn with replacement."""
+    stage: Literal[1, 2] = 2  # train up to this stage
+    preset: Literal["auto", "cpu", "paper"] = "cpu"  # --preset auto (the default): paper on a GPU, cpu otherwise
+    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"
+    ntu_root: str | None = None
+    mpii_root: str | None = None
+    coco_root: str | None = None
+    targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"
+    width: int = 16  # of the small HRNet
+    init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
+    backbone_init: str | None = None  # an official-format HRNet checkpoint for both HRNets (ImageNet weights)
+    image_size: int = 64
+    synthetic_samples: int = 4096
+    cache: bool = True  # render the synthetic set once into memory
+    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives
+    num_negatives: int = 256  # drawn from the memory bank
+    momentum: float = 0.5  # of the memory bank
+    dense_points: int = 48  # per image
+    tau: float = 0.1
+    lambda_global: float = 1.0  # Eq. 1
+    lambda_dense: float = 1.0
+    lambda_sparse: float = 1.0
+    epochs: int = 4  # per stage
+    steps: int | None = None  # per stage, instead of epochs (smoke runs)
+    batch_size: int = 64  # global, over all ranks
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 3e-3
+    warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
+    eval_every: int = 64  # steps between held-out monitors
     heldout: int = 256  # held-out people the monitors embed
-    backbone_init: str = ""  # an official-format HRNet checkpoint for the RGB and depth HRNets (ImageNet weights)
     out: str = "runs/hcmoco"
     resume: bool = False
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     workers: int = 2
     compile: bool = False
@@ -93,68 +88,44 @@ class Config:
     log_every: int = 10
 
 
+PRESETS = {
+    "cpu": Config(),
+    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
+    # 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
+    # published augmentation (build_dataset)
+    "paper": Config(preset="paper", hrnet="w18", image_size=320, synthetic_samples=65536, cache=False,
+                    global_loss="bank", num_negatives=16384, dense_points=400, tau=0.07, epochs=100, batch_size=224,
+                    optimizer="sgd", lr=0.03, warmup=0, eval_every=500),
+}
+
+
 def parse_args(argv=None):
+    """The run's complete Config: the preset's values, replaced by the options given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default)
-    args = parser.parse_args(argv)
-    cfg = Config(**vars(args))
-    checks = [(cfg.stage in (1, 2), "--stage must be 1 or 2"), (cfg.targets in TARGETS, f"--targets: one of {TARGETS}"),
-              (cfg.preset in ("auto", "cpu", "paper"), "--preset: auto, cpu or paper"),
-              (cfg.data in ("synthetic", "ntu+mpii", "ntu+coco"), "--data: synthetic, ntu+mpii or ntu+coco"),
-              (cfg.device in ("auto", "cpu", "cuda"), "--device: auto, cpu or cuda"),
-              (not cfg.backbone_init or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found")]
-    # 0 leaves the preset's value (--steps 0: the epochs')
-    checks += positive(cfg, ("epochs", "steps", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau",
-                             "eval_every"), zero_ok=True)
-    checks += positive(cfg, ("save_every", "log_every"))
-    checks += [(cfg.heldout >= 2, f"--heldout must be at least 2 (the monitors compare people), got {cfg.heldout}"),
-               image_size_check(cfg.image_size, zero_ok=True),
-               (not cfg.synthetic_samples or cfg.synthetic_samples >= 4,
-                f"--synthetic-samples must be at least 4 (3/4 with depth, 1/4 without), got {cfg.synthetic_samples}"),
-               (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"), out_check(cfg.out)]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
+    cli.add_options(parser, Config, defaults=False)
+    given = vars(parser.parse_args(argv))
+    device = cli.pick_device(given.pop("device", "auto"))
+    preset = given.pop("preset", "auto")
+    preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)
+    cfg = replace(PRESETS[preset], device=device, **given)
+    roots = {"synthetic": (), "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
+    cli.check(parser, [
+        *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
+        (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
+        *cli.positive(cfg, ("epochs", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau", "eval_every",
+                            "save_every", "log_every")),
+        *cli.positive(cfg, ("steps",) if cfg.steps is not None else ()),
+        (cfg.warmup >= 0, f"--warmup must be 0 or more, got {cfg.warmup}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        *[(getattr(cfg, n) >= 0, f"--{n.replace('_', '-')} must be 0 or more, got {getattr(cfg, n)}")
+          for n in ("lambda_global", "lambda_dense", "lambda_sparse")],
+        (cfg.heldout >= 2, f"--heldout must be at least 2 (the monitors compare people), got {cfg.heldout}"),
+        cli.image_size_check(cfg.image_size),
+        (cfg.synthetic_samples >= 4,
+         f"--synthetic-samples must be at least 4 (3/4 with depth, 1/4 without), got {cfg.synthetic_samples}"),
+        (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
+        cli.out_check(cfg.out)])
     return cfg
-
-
-def positive(cfg, names, zero_ok=False):
-    """(ok, message) per option of `names`: its value in cfg is positive (or 0, where 0 means a default)."""
-    return [(getattr(cfg, n) > 0 or (zero_ok and getattr(cfg, n) == 0),
-             f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}") for n in names]
-
-
-def image_size_check(size, zero_ok=False):
-    """(ok, message) for --image-size: at least MIN_IMAGE_SIZE (or 0, where 0 means the preset's)."""
-    return ((zero_ok and size == 0) or size >= MIN_IMAGE_SIZE,
-            f"--image-size must be at least {MIN_IMAGE_SIZE}, got {size} (below, the HRNet's 1/32 branch is one cell)")
-
-
-def out_check(out):
-    """(ok, message) for --out: a folder that exists or can be made, and written; found now, not at the first save."""
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return False, f"--out {out}: {existing} is a file, not a folder"
-    return os.access(existing, os.W_OK | os.X_OK), f"--out {out}: {existing} is not writable"
-
-
-def resolve(cfg):
-    """Fill the options left at 0 / '' from the preset."""
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    preset = cfg.preset if cfg.preset != "auto" else ("paper" if device == "cuda" else "cpu")
-    values, unset = asdict(cfg), asdict(Config())
-    for k, v in PRESETS[preset].items():
-        if values[k] == unset[k]:
-            values[k] = v
-    values.update(preset=preset, device=device)
-    return Config(**values)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -164,9 +135,6 @@ def build_dataset(cfg):
     return data.pretraining_set(cfg.data, cfg.image_size, ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu"),
                                 cfg.synthetic_samples, cfg.seed, cfg.cache, cfg.workers, cfg.ntu_root, cfg.mpii_root,
                                 cfg.coco_root)
-
-
-HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 
 
 def heldout_batch(image_size, n):
@@ -241,10 +209,13 @@ def plot_log(out):
 
 # -------------------------------------------------------------------------------------------------------- training
 def model_config(cfg, stage, bank_size):
+    """The HCMoCo model of a stage: stage 1 trains the sample-level term alone, stage 2 the Table 3 row
+    cfg.targets; one memory-bank entry per pre-training sample."""
     return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
-                        **TARGETS["global" if stage == 1 else cfg.targets], num_negatives=cfg.num_negatives,
-                        dense_points=cfg.dense_points, bank_size=bank_size, tau=cfg.tau, init=cfg.init,
-                        global_loss=cfg.global_loss)
+                        **TARGETS["global" if stage == 1 else cfg.targets], lambda_global=cfg.lambda_global,
+                        lambda_dense=cfg.lambda_dense, lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init,
+                        global_loss=cfg.global_loss, num_negatives=cfg.num_negatives, momentum=cfg.momentum,
+                        bank_size=bank_size, dense_points=cfg.dense_points)
 
 
 def gather_all(t):
@@ -307,105 +278,150 @@ def monitors(model, batch, initial, points=32):
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
-    """Train one stage; returns the path of its finished checkpoint."""
-    out, device = cfg.out, torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
-    path = os.path.join(out, f"stage{stage}.pt")
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    total = cfg.steps or cfg.epochs * steps_per_epoch
-
-    model = HCMoCo(model_config(cfg, stage, len(dataset))).to(device)
-    optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4) if cfg.optimizer == "sgd"
-                 else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
+def build_model(cfg, stage, bank_size, device, log):
+    """The stage's model and optimiser: stage 2 starts from stage 1's finished weights (encoders, mappers, memory
+    bank); stage 1 from --backbone-init when given (both HRNets from the same weights, as the published scripts)."""
+    model = HCMoCo(model_config(cfg, stage, bank_size)).to(device)
     if stage == 2:
-        first = load_stage(os.path.join(out, "stage1.pt"), device)
-        model.load_state_dict(first["model"])  # encoders, mappers and memory bank of stage 1
-    elif cfg.backbone_init:  # stage 1 starts both HRNets from the same weights, as the published scripts do
+        model.load_state_dict(load_stage(os.path.join(cfg.out, "stage1.pt"), device)["model"])
+    elif cfg.backbone_init:
         for m in ("rgb", "depth"):
             report = model.encoders[m].load_pretrained(cfg.backbone_init)
             log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
-    initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
-    start = 0
-    if cfg.resume and os.path.exists(path):
-        ckpt = load_stage(path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
-        log(f"stage {stage}: resuming {path} at step {start}")
+    optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+                 if cfg.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
+    return model, optimizer
+
+
+def resume(path, model, optimizer, device):
+    """The step to continue from: that of the checkpoint at `path` (model, optimiser and RNG restored), else 0."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = load_stage(path, device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
+def for_device(model, cfg, device, rank, world):
+    """(model, net): the model in the device's memory layout with its encoders compiled when asked; net wraps it
+    in DDP when there are several ranks."""
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         for encoder in model.encoders.values():
             encoder.compile()
-    net = model
-    if world > 1:
-        # the memory bank is kept identical on every rank by the gathered update, so buffers are not broadcast
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None, broadcast_buffers=False, find_unused_parameters=True)
+    if world == 1:
+        return model, model
+    # the memory bank is kept identical on every rank by the gathered update, so buffers are not broadcast
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        find_unused_parameters=True)
 
-    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + 1000 * stage, start, total, rank, world)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                         num_workers=cfg.workers, collate_fn=data.collate,
-                                         pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
 
-    def save(step, done):
-        if rank == 0:
-            cli.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, done=done,
-                             stage=stage, rng=torch.get_rng_state(),
-                             config=dict(train=asdict(cfg), model=asdict(model.cfg))), path)
+def batches(cfg, dataset, stage, start, total, rank, world, device):
+    """The stage's batches for steps start..total-1 (data.StepBatches: what a step sees depends on the seed and the
+    step only)."""
+    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + STAGE_SEED * stage, start, total, rank, world)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                                       collate_fn=data.collate, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
 
-    if rank == 0:
-        rows = [r for r in read_log(out) if r["stage"] < stage or (r["stage"] == stage and r["step"] < start)]
-        with open(os.path.join(out, "log.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        heldout = data.to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
+
+def start_log(out, stage, start):
+    """Rewrite out/log.jsonl without the rows a resumed stage will write again (and a torn last line); returns
+    write_row(row), which appends one row of this stage."""
+    path = os.path.join(out, "log.jsonl")
+    rows = [r for r in read_log(out) if r["stage"] < stage or (r["stage"] == stage and r["step"] < start)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def write_row(row):
-        if rank == 0:
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(dict(stage=stage, **row)) + "\n")
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(stage=stage, **row)) + "\n")
+    return write_row
 
-    bar = tqdm(total=total, initial=start, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
+
+def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
+    """Train one stage; returns the path of its finished checkpoint."""
+    device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    path = os.path.join(cfg.out, f"stage{stage}.pt")
+    total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    model, optimizer = build_model(cfg, stage, len(dataset), device, log)
+    initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
+    start = resume(path, model, optimizer, device) if cfg.resume else 0
+    if start:
+        log(f"stage {stage}: resuming {path} at step {start}")
+    model, net = for_device(model, cfg, device, rank, world)
+    loader = batches(cfg, dataset, stage, start, total, rank, world, device)
+    lead = rank == 0  # the rank that measures, logs and saves
+    if lead:
+        write_row = start_log(cfg.out, stage, start)
+        heldout = data.to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
+
+    def save(step, done):
+        if lead:
+            cli.save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, done=done,
+                                 stage=stage, rng=torch.get_rng_state(),
+                                 config=dict(train=asdict(cfg), model=asdict(model.cfg))), path)
+
     model.train()
     t0 = time.time()
-    for step, batch in zip(range(start, total), loader):
-        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        measured = monitors(model, heldout, initial) if rank == 0 and step % cfg.eval_every == 0 else {}
-        batch = data.to_device(batch, device)
-        if device.type == "cuda":
-            batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, terms = net(batch, gather=gather_all if world > 1 else None)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise SystemExit(f"stage {stage}: non-finite loss at step {step} ({ {k: v.item() for k, v in terms.items()} }); "
-                             f"the last good checkpoint is {path}" + ("" if os.path.exists(path) else " (none yet)"))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total - 1 or measured:
-            values = {k: round(v.item(), 4) for k, v in terms.items()}
-            bar.set_postfix(values)
-            write_row(dict(step=step, lr=lr, time=round(time.time() - t0, 2), **values, **measured))
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save(step + 1, done=False)
-    bar.close()
-    if rank == 0:  # after the last update
+    with tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True) as bar:
+        for step, batch in zip(range(start, total), loader):
+            lr = cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            measured = monitors(model, heldout, initial) if lead and step % cfg.eval_every == 0 else {}
+            batch = data.to_device(batch, device)
+            if device.type == "cuda":
+                batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, terms = net(batch, gather=gather_all if world > 1 else None)
+            if not torch.isfinite(loss):
+                last = path if os.path.exists(path) else f"{path} (none yet)"
+                raise SystemExit(f"stage {stage}: non-finite loss at step {step} "
+                                 f"({ {k: v.item() for k, v in terms.items()} }); the last good checkpoint is {last}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            if lead and (step % cfg.log_every == 0 or step == total - 1 or measured):
+                values = {k: round(v.item(), 4) for k, v in terms.items()}
+                bar.set_postfix(values)
+                write_row(dict(step=step, lr=lr, time=round(time.time() - t0, 2), **values, **measured))
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                save(step + 1, done=False)
+    if lead:  # after the last update
         write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
     save(total, done=True)
-    if rank == 0:
-        plot_log(out)
+    if lead:
+        plot_log(cfg.out)
     return path
+
+
+def pretrain(cfg, rank=0, world=1):
+    """Stages 1..cfg.stage of a complete Config (parse_args's): a finished stage file in cfg.out is reused; the
+    pre-training set is built (rendered, read) only when a stage has to train. Returns the stage files' paths."""
+    log = print if rank == 0 else (lambda *a: None)
+    paths, dataset = [], None
+    for stage in range(1, cfg.stage + 1):
+        path = os.path.join(cfg.out, f"stage{stage}.pt")
+        if os.path.exists(path) and load_stage(path)["done"]:
+            log(f"stage {stage}: reusing the finished {path}")
+        else:
+            if dataset is None:
+                dataset = build_dataset(cfg)
+                log(f"{cfg.data} data: {len(dataset)} samples")
+            run_stage(cfg, stage, dataset, rank, world, log)
+        paths.append(path)
+    return paths
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = resolve(parse_args(argv))
+    cfg = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
@@ -413,34 +429,32 @@ def main(argv=None):
         if cfg.batch_size % world:
             raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     torch.manual_seed(cfg.seed + rank)
-    try:
-        dataset = build_dataset(cfg)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
     os.makedirs(cfg.out, exist_ok=True)
-    log = print if rank == 0 else (lambda *a: None)
-    log(f"HCMoCo pre-training: preset {cfg.preset} on {cfg.device} x{world}, {cfg.data} data ({len(dataset)} "
-        f"samples), HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}")
-    saved = []
+    if rank == 0:
+        print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (also in "
+              f"{os.path.join(cfg.out, 'config.json')}):\n" + textwrap.fill(
+                  " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
+                  subsequent_indent="    "))
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
     try:
-        for stage in range(1, cfg.stage + 1):
-            path = os.path.join(cfg.out, f"stage{stage}.pt")
-            if os.path.exists(path) and load_stage(path)["done"]:
-                log(f"stage {stage}: reusing the finished {path}")
-            else:
-                run_stage(cfg, stage, dataset, rank, world, log)
-            saved.append(path)
+        saved = pretrain(cfg, rank, world)
+    except FileNotFoundError as e:  # a dataset root
+        raise SystemExit(f"error: {e}")
     except CheckpointError as e:  # --backbone-init, or a stage file in --out
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (save_atomic)
         if rank == 0:
             again = argv if "--resume" in argv else [*argv, "--resume"]
+            launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
             print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
-                  f"    python train.py {shlex.join(again)}", file=sys.stderr)
+                  f"    {launcher} {shlex.join(again)}", file=sys.stderr)
         raise SystemExit(130)
     if world > 1:
         dist.destroy_process_group()
-    log(f"saved {', '.join(saved)}, log {os.path.join(cfg.out, 'log.jsonl')} and {os.path.join(cfg.out, 'loss.png')}")
+    if rank == 0:
+        print(f"saved {', '.join(saved)}, log {os.path.join(cfg.out, 'log.jsonl')} and "
+              f"{os.path.join(cfg.out, 'loss.png')}")
 
 
 if __name__ == "__main__":

@@ -218,10 +218,10 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
 
 
 def test_paper_preset_has_the_published_resolution_and_augmentation():
-    cfg = train.resolve(train.Config(preset="paper", device="cpu", synthetic_samples=8))
+    cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
     assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
-    cpu = train.resolve(train.Config(preset="cpu", device="cpu", synthetic_samples=8))
+    cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert [p.transform.recipe for p in train.build_dataset(cpu).datasets] == ["cpu", "cpu"]
 
 
