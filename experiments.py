@@ -149,6 +149,9 @@ def run_job(job, threads, quiet):
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
     if kind == "train":
+        # what train.main does around train.pretrain: the output folder, and the seed of the models' init
+        os.makedirs(cfg.out, exist_ok=True)
+        torch.manual_seed(cfg.seed)
         train.pretrain(cfg)
     else:
         finetune.run(cfg)
