@@ -434,17 +434,22 @@ class PointNet2(nn.Module):
         return self.fp1(points, x1, feats, f1).transpose(1, 2)  # [B, C, N]
 
 
+def back_project(u, v, z, intrinsics):
+    """Pixels (u, v) at depth z to the camera frame: X = (u - cx) z / fx, Y = (v - cy) z / fy, Z = z (metres).
+    u, v, z [B, N] (u, v may broadcast), intrinsics [B, 3, 3] -> [B, N, 3]."""
+    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
+    cx, cy = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None]
+    return torch.stack([(u - cx) * z / fx, (v - cy) * z / fy, z], dim=-1)
+
+
 def depth_to_points(depth, intrinsics):
-    """Back-project a depth map: X = (u - cx) Z / fx, Y = (v - cy) Z / fy (camera frame, metres).
+    """Back-project every pixel of a depth map (back_project).
     depth [B, 1, H, W] (0 = no return), intrinsics [B, 3, 3] -> points [B, H*W, 3], valid [B, H*W] bool."""
     B, _, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, device=depth.device, dtype=depth.dtype),
                           torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
     z = depth.reshape(B, H * W)
-    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
-    cx, cy = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None]
-    points = torch.stack([(u.reshape(1, -1) - cx) * z / fx, (v.reshape(1, -1) - cy) * z / fy, z], dim=-1)
-    return points, z > 0
+    return back_project(u.reshape(1, -1), v.reshape(1, -1), z, intrinsics), z > 0
 
 
 def points_to_map(feats, pixels, valid, image_size, size):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import experiments
 import finetune
 import synthetic
 import train
@@ -126,7 +127,7 @@ def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeyp
 
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("keep")
-    monkeypatch.setattr(finetune, "run_jobs", None)  # nothing may start
+    monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start
     for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")]):
         with pytest.raises(SystemExit) as e:
             finetune.main(["experiments", "--quick", "--out", str(tmp_path / "out"), *args])
@@ -179,10 +180,10 @@ def test_random_label_subsets_are_distinct_repeatable_and_of_the_right_size():
 
 
 def test_paired_gain_mean_interval_and_wins():
-    g = finetune.paired_gain([5.0, 6.0, 7.0, 4.0], [4.0, 4.0, 4.0, 5.0])
+    g = experiments.paired_gain([5.0, 6.0, 7.0, 4.0], [4.0, 4.0, 4.0, 5.0])
     assert g["mean"] == 1.25 and g["wins"] == 0.75 and g["n"] == 4
     assert -1.0 <= g["lo"] < g["mean"] < g["hi"] <= 3.0  # within the smallest and largest difference
-    same = finetune.paired_gain([1.0, 2.0], [1.0, 2.0])
+    same = experiments.paired_gain([1.0, 2.0], [1.0, 2.0])
     assert same["lo"] == same["hi"] == same["mean"] == 0.0 and same["wins"] == 0.0
 
 
