@@ -36,7 +36,7 @@ from encoders import CheckpointError
 ARMS = ("scratch", "CMC", "HCMoCo")  # Table 2's inits
 LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
 LOW, HIGH = 0.05, 1.0  # the label ratios
-# --quick: a few steps of everything; its sizes override every run's, the curves' step budgets included
+# --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
 QUICK_PRETRAIN = dict(steps=4, image_size=48, synthetic_samples=64, batch_size=8, heldout=8)
 QUICK_FINETUNE = dict(steps=3, train_samples=16, test_samples=8, image_size=48)
 
@@ -85,8 +85,8 @@ def experiments(opts):
         keys.append(key)
         out = os.path.join(opts.out, key)
         if not os.path.exists(os.path.join(out, "metrics.json")):
-            cfg = finetune.Config(**kw, out=out, workers=0)
-            jobs.append(("finetune", replace(cfg, **QUICK_FINETUNE) if quick else cfg))
+            sizes = QUICK_FINETUNE if quick else {}
+            jobs.append(("finetune", finetune.Config(**{**sizes, **kw}, out=out, workers=0)))
 
     grid = [(s, seed) for s in subsets for seed in seeds]
     for task in ("rgb-parsing", "depth-parsing"):
@@ -149,9 +149,6 @@ def run_job(job, threads, quiet):
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
     if kind == "train":
-        # what train.main does around train.pretrain: the output folder, and the seed of the models' init
-        os.makedirs(cfg.out, exist_ok=True)
-        torch.manual_seed(cfg.seed)
         train.pretrain(cfg)
     else:
         finetune.run(cfg)

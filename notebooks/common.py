@@ -16,6 +16,6 @@ def experiment_results():
     if not os.path.exists(f"{results}/results.json"):
         results = "runs/quick-experiments"
         if not os.path.exists(f"{results}/results.json"):
-            import finetune  # only here: importing common should not load the training code
-            finetune.main(["experiments", "--quick", "--out", results, "--jobs", "1"])
+            import experiments  # only here: importing common should not load the training code
+            experiments.main(["--quick", "--out", results, "--jobs", "1"])
     return results
