@@ -1,7 +1,6 @@
 """losses.py against brute-force evaluations of the paper's sums, masking, invariances and gradients."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
