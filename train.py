@@ -345,7 +345,8 @@ def start_log(out, stage, start):
 
 def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     """Train one stage; returns the path of its finished checkpoint."""
-    device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
+    kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
+    device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     path = os.path.join(cfg.out, f"stage{stage}.pt")
     total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
