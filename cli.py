@@ -1,6 +1,7 @@
 """What the scripts (train.py, finetune.py, experiments.py) share: command-line options from a config dataclass,
-checks that name the option and its value, the device, the learning-rate schedule and atomic checkpoint writes."""
+checks that name the option and its value, the device, the learning-rate schedule and atomic file writes."""
 import argparse
+import json
 import math
 import os
 import types
@@ -76,10 +77,24 @@ def cosine_lr(base, step, total, warmup=0):
 def save_atomic(obj, path):
     """torch.save through a temporary file and a rename: a kill, a Ctrl-C or a failed write leaves the previous
     checkpoint whole and no partial file. A failed write (disk full, no permission) stops the run."""
+    write_atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    """obj as indented JSON at `path`, written as save_atomic writes: a reader never sees half a file (the
+    experiment runner takes a run with a metrics.json as done)."""
+    write_atomic(path, "w", lambda f: json.dump(obj, f, indent=1))
+
+
+def write_atomic(path, mode, write):
+    """write(file) into path.tmp, flushed to the disk, then renamed over `path`; on any failure the temporary file
+    is removed, and an OSError stops the run saying whether a previous file is kept."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:  # a file object: a full disk raises OSError, not a RuntimeError of torch's writer
-            torch.save(obj, f)
+        with open(tmp, mode) as f:  # a file object: a full disk raises OSError, not a RuntimeError of torch's writer
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):

@@ -119,8 +119,7 @@ def experiments(opts):
             runs[key] = {k: v for k, v in json.load(f).items() if k not in ("config", "iou", "sweep")}
     main_steps = QUICK_FINETUNE["steps"] if quick else finetune.Config.steps
     summary = summarise(runs, subsets, seeds, budgets, main_steps)
-    with open(os.path.join(opts.out, "results.json"), "w") as f:
-        json.dump(dict(runs=runs, summary=summary), f, indent=1)
+    cli.save_json(dict(runs=runs, summary=summary), os.path.join(opts.out, "results.json"))
     table = results_markdown(summary)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(table)

@@ -530,9 +530,7 @@ def write_metrics(metrics, cfg):
     through a temporary file and a rename: the experiment runner takes a run with a metrics.json as done."""
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "metrics.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(dict(metrics, config=asdict(cfg)), f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    cli.save_json(dict(metrics, config=asdict(cfg)), path)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
                       if k not in ("iou", "sweep")}))
     return metrics

@@ -410,8 +410,7 @@ def pretrain(cfg, rank=0, world=1):
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+        cli.save_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
     paths, dataset = [], None
     for stage in range(1, cfg.stage + 1):
         path = os.path.join(cfg.out, f"stage{stage}.pt")

@@ -1,0 +1,57 @@
+"""cli.py: options from a dataclass, the cosine schedule and atomic writes."""
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+import cli
+
+
+@dataclass
+class Options:
+    kind: Literal["a", "b"] = "a"
+    stage: Literal[1, 2] = 2
+    steps: int | None = None
+    rate: float = 0.5
+    cache: bool = True
+
+
+def parse(argv, defaults=True):
+    parser = argparse.ArgumentParser()
+    cli.add_options(parser, Options, defaults)
+    return vars(parser.parse_args(argv))
+
+
+def test_options_follow_the_field_types():
+    assert parse([]) == dict(kind="a", stage=2, steps=None, rate=0.5, cache=True)
+    assert parse(["--kind", "b", "--stage", "1", "--steps", "7", "--rate", "2e-3", "--no-cache"]) == dict(
+        kind="b", stage=1, steps=7, rate=2e-3, cache=False)
+    for bad in (["--kind", "c"], ["--stage", "3"], ["--steps", "x"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+def test_without_defaults_only_the_given_options_are_parsed():
+    """What lets a preset fill every option the command line leaves out."""
+    assert parse([], defaults=False) == {}
+    assert parse(["--steps", "3", "--cache"], defaults=False) == dict(steps=3, cache=True)
+
+
+def test_cosine_lr_warms_up_linearly_then_falls_to_zero():
+    lrs = [cli.cosine_lr(1.0, step, 100, warmup=10) for step in range(100)]
+    assert lrs[:3] == pytest.approx([0.1 * k * 0.5 * (1 + math.cos(math.pi * (k - 1) / 100)) for k in (1, 2, 3)])
+    assert lrs[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 10 / 100)))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
+    assert cli.cosine_lr(2.0, 0, 100) == 2.0  # no warm-up
+
+
+def test_a_json_write_that_fails_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path):
+    path = tmp_path / "metrics.json"
+    cli.save_json({"miou": 1.0}, path)
+    with pytest.raises(TypeError):
+        cli.save_json({"miou": 2.0, "model": object()}, path)  # fails half-way through the dump
+    assert json.loads(path.read_text()) == {"miou": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
