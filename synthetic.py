@@ -269,13 +269,19 @@ def pixel_rays(R, K, image_size):
     return rays @ R
 
 
+def unit_sphere_maps(prims):
+    """A_q = diag(1 / radii) R_q^T of every primitive, [Q, 3, 3]: maps an offset from its centre onto its unit
+    sphere, |A_q (x - c_q)| = 1 on the surface."""
+    return np.stack([(p.rotation / p.radii).T for p in prims])
+
+
 def ray_cast(prims, origin, dirs):
     """Nearest hit of every ray with the ellipsoids |A_q (o + t d - c_q)| = 1, A_q = diag(1/radii) R_q^T:
         a t^2 + 2 b t + c = 0,  a = d^T G_q d,  b = (A_q^T o'_q) . d,  c = |o'_q|^2 - 1,  G_q = A_q^T A_q,
     with o'_q = A_q (o - c_q); a and b for all rays and ellipsoids are two matrix products.
     dirs [N, 3] -> t [N] (inf = miss), primitive index [N], local hit coordinates on the unit sphere [N, 3]."""
     centres = np.stack([p.centre for p in prims])  # [Q, 3]
-    A = np.stack([(p.rotation / p.radii).T for p in prims])  # [Q, 3, 3]
+    A = unit_sphere_maps(prims)  # [Q, 3, 3]
     o = np.einsum("qij,qj->qi", A, origin - centres)  # [Q, 3]
     G = np.einsum("qki,qkj->qij", A, A)  # [Q, 3, 3]
     iu = ([0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2])
@@ -315,8 +321,7 @@ def cast_person(prims, origin, R, K, dirs, image_size):
     uv = np.stack([np.arctan2(local[:, 0], local[:, 2]) / (2 * math.pi) + 0.5, (local[:, 1] + 1) / 2], 1)
     uv = np.where(person[:, None], np.clip(uv, 0, 1), 0.0)
     # normal: gradient of |A(x - c)|^2, i.e. A^T A (x - c), expressed back in the world
-    A = np.stack([(p.rotation / p.radii).T for p in prims])
-    normal = np.einsum("nji,nj->ni", A[q], local)
+    normal = np.einsum("nji,nj->ni", unit_sphere_maps(prims)[q], local)
     normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
     return t, parts, uv, local, normal
 
