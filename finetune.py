@@ -397,6 +397,12 @@ def datasets(cfg):
             labelled_people(cfg.test_samples, cfg.image_size, TEST_SEED))
 
 
+def labelled_split(cfg):
+    """(the labelled training images at --ratio, --subset; the test set) of the task."""
+    train_set, test_set = datasets(cfg)
+    return torch.utils.data.Subset(train_set, subset_indices(len(train_set), cfg.ratio, cfg.subset)), test_set
+
+
 @functools.lru_cache(maxsize=4)
 def labelled_people(n, image_size, seed):
     """n labelled synthetic people, rendered once per process: the experiment runner's many runs share them."""
@@ -448,20 +454,18 @@ def run(cfg):
 def run_finetune(cfg, device):
     """A backbone + head fine-tuned on the labelled subset."""
     model = Finetuner(cfg).to(device)  # reads --init before any data is rendered
-    train_set, test_set = datasets(cfg)
-    keep = subset_indices(len(train_set), cfg.ratio, cfg.subset)
-    fit(model, torch.utils.data.Subset(train_set, keep), cfg, device, lambda batch: model(batch)[0])
-    return save_finetuned(model, dict(evaluate(model, test_set, cfg, device), train_images=len(keep)), cfg)
+    train_set, test_set = labelled_split(cfg)
+    fit(model, train_set, cfg, device, lambda batch: model(batch)[0])
+    return save_finetuned(model, dict(evaluate(model, test_set, cfg, device), train_images=len(train_set)), cfg)
 
 
 def run_versatile(cfg, device):
     """The head trains on the labelled subset's views (views) while, with --contrast, the contrastive targets keep
     training on unlabelled pairs, a batch of each per step."""
     model = Versatile(cfg).to(device)  # reads --init before any data is rendered
-    train_set, test_set = datasets(cfg)
-    keep = subset_indices(len(train_set), cfg.ratio, cfg.subset)
+    train_set, test_set = labelled_split(cfg)
     sources = views(cfg)[0]
-    labelled = LabelledView(torch.utils.data.Subset(train_set, keep), keep=sources)
+    labelled = LabelledView(train_set, keep=sources)
     # the unlabelled pairs are the pre-training set, whose ids the checkpoint's memory bank is indexed by
     unlabelled = iter(train_loader_unlabelled(unlabelled_pairs(cfg.image_size, model.hcmoco.cfg.bank_size), cfg))
 
@@ -473,7 +477,7 @@ def run_versatile(cfg, device):
         return head + contrastive
 
     fit(model, labelled, cfg, device, loss)
-    return save_finetuned(model, dict(evaluate(model, test_set, cfg, device), train_images=len(keep)), cfg)
+    return save_finetuned(model, dict(evaluate(model, test_set, cfg, device), train_images=len(train_set)), cfg)
 
 
 def fit(model, labelled, cfg, device, loss_of):
@@ -629,8 +633,7 @@ def run_probe(cfg, device):
     else:
         backbone = load_backbone(cfg.init, modality, scratch_config(cfg))[0].to(device).eval()
         features = lambda batch: merge_maps(backbone(backbone_input(batch, modality)))  # noqa: E731
-    train_set, test_set = datasets(cfg)
-    train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), cfg.ratio, cfg.subset))
+    train_set, test_set = labelled_split(cfg)
     x, y = probe_inputs(features, train_set, cfg, device)
     n_val = max(1, len(x) // 5)
     sweep = {lr: probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
