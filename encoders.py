@@ -442,6 +442,11 @@ def back_project(u, v, z, intrinsics):
     return torch.stack([(u - cx) * z / fx, (v - cy) * z / fy, z], dim=-1)
 
 
+def apply_affine(M, points):
+    """Pixel coordinates through affine maps: points [B, N, 2] (x, y), M [B, 3, 3] -> M (x, y, 1), [B, N, 2]."""
+    return points @ M[:, :2, :2].transpose(1, 2) + M[:, None, :2, 2]
+
+
 def depth_to_points(depth, intrinsics):
     """Back-project every pixel of a depth map (back_project).
     depth [B, 1, H, W] (0 = no return), intrinsics [B, 3, 3] -> points [B, H*W, 3], valid [B, H*W] bool."""

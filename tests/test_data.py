@@ -342,3 +342,113 @@ def test_cached_items_equal_the_rendered_ones_with_the_kept_keys():
         cached = data.Cached(people, ("rgb", "depth", "present", "index"), workers=workers)
         assert len(cached) == 5 and set(cached[3]) == {"rgb", "depth", "present", "index"}
         assert torch.equal(cached[3]["depth"], people[3]["depth"]) and cached[3]["index"] == 3
+
+
+
+def ramp_batch(B=6, H=48, W=40):
+    """A collated batch whose images hold their own pixel coordinates: RGB (x, y, 0) / 100, depth x + 1 metres, the
+    mask everywhere; keypoints at random interior pixels."""
+    g = torch.Generator().manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    kp = 4 + torch.rand(B, 16, 2, generator=g) * torch.tensor([W - 9, H - 9])
+    return dict(rgb=torch.stack([xs, ys, torch.zeros_like(xs)])[None].repeat(B, 1, 1, 1) / 100,
+                depth=(xs + 1)[None, None].repeat(B, 1, 1, 1), mask=torch.ones(B, H, W, dtype=torch.bool),
+                keypoints=kp, keypoints_visible=torch.ones(B, 16, dtype=torch.bool),
+                intrinsics=torch.tensor([[50.0, 0, 20], [0, 50, 24], [0, 0, 1]]).repeat(B, 1, 1),
+                present={m: torch.ones(B, dtype=torch.bool) for m in data.MODALITIES}, index=torch.arange(B))
+
+
+def read_at(images, points):
+    """images [B, C, H, W] read bilinearly at pixel positions points [B, N, 2] -> [B, N, C]."""
+    H, W = images.shape[-2:]
+    grid = (points + 0.5) / torch.tensor([W, H]) * 2 - 1
+    return torch.nn.functional.grid_sample(images, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
+
+
+def source_slots(out):
+    """[B, 16]: the keypoint slot of the source each output slot holds (FLIP_JOINTS where the RGB ramp runs
+    backwards, i.e. the image was flipped)."""
+    x = data.denormalize_rgb(out["rgb"])[:, 0, 24]  # [B, W]: the source x along a row
+    flipped = x[:, 25] < x[:, 15]
+    return torch.where(flipped[:, None], torch.tensor(synthetic.FLIP_JOINTS), torch.arange(16)), flipped
+
+
+def test_batch_augment_moves_keypoints_with_the_images():
+    """Each output pixel shows the source pixel the transform sent there, so at a visible keypoint's new position the
+    RGB ramp reads that keypoint's old coordinates (the left/right slots swapped on flipped images), and the depth
+    ramp its old x."""
+    batch = ramp_batch()
+    out = data.BatchAugment(color_jitter=0)(batch, torch.Generator().manual_seed(1))
+    slots, flipped = source_slots(out)
+    assert 0 < flipped.sum() < 6
+    old = torch.gather(batch["keypoints"], 1, slots[..., None].expand(-1, -1, 2))  # [B, 16, 2]
+    vis = out["keypoints_visible"]
+    assert 0.5 < vis.float().mean() < 1  # some keypoints left the frame
+    seen = read_at(data.denormalize_rgb(out["rgb"]), out["keypoints"])[..., :2] * 100
+    assert (seen - old).norm(dim=-1)[vis].max() < 0.05  # a linear ramp is read exactly by bilinear sampling
+    inner = vis & ((out["keypoints"] >= 1) & (out["keypoints"] <= torch.tensor([38, 46]))).all(-1)
+    x_seen = read_at(out["depth"], out["keypoints"])[..., 0] - 1  # nearest: the source x of the depth pixel there
+    assert (x_seen - old[..., 0]).abs()[inner].max() <= 1.0
+    assert torch.equal(out["mask"], out["depth"][:, 0] > 0)  # the mask moves with the depth
+
+
+def test_batch_augment_flip_is_exact_and_swaps_left_and_right():
+    batch = ramp_batch()
+    aug = data.BatchAugment(rotate=0, scale=(1, 1), translate=0, flip=1.0, color_jitter=0)
+    out = aug(batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(data.denormalize_rgb(out["rgb"]), batch["rgb"].flip(-1), atol=1e-5, rtol=0)
+    assert torch.equal(out["depth"], batch["depth"].flip(-1))
+    l, r = synthetic.JOINT_INDEX["l_wrist"], synthetic.JOINT_INDEX["r_wrist"]
+    torch.testing.assert_close(out["keypoints"][:, r, 0], 39 - batch["keypoints"][:, l, 0])
+    torch.testing.assert_close(out["intrinsics"][:, 0, 2], torch.full((6,), 39 - 20.0))
+
+
+def test_batch_augment_depends_only_on_its_generator():
+    batch = ramp_batch()
+    aug = data.BatchAugment()
+    a, b = (aug(batch, torch.Generator().manual_seed(5)) for _ in range(2))
+    c = aug(batch, torch.Generator().manual_seed(6))
+    assert all(torch.equal(a[k], b[k]) for k in ("rgb", "depth", "keypoints"))
+    assert not torch.equal(a["rgb"], c["rgb"])
+
+
+def test_batch_augment_jitters_colours_as_colorjitter_does():
+    """With the geometry off, each image's colours go through brightness, contrast and saturation factors and a hue
+    rotation drawn per image: a grey image stays grey (saturation and hue leave it), and every image moves."""
+    batch = ramp_batch()
+    batch["rgb"][0] = 0.5
+    aug = data.BatchAugment(rotate=0, scale=(1, 1), translate=0, flip=0.0, color_jitter=0.4)
+    out = data.denormalize_rgb(aug(batch, torch.Generator().manual_seed(0))["rgb"])
+    grey = out[0]
+    assert (grey - grey[0:1]).abs().max() < 1e-5 and not torch.allclose(grey, torch.full_like(grey, 0.5))
+    assert all(not torch.allclose(out[b], batch["rgb"][b], atol=1e-3) for b in range(6))
+
+
+def test_batch_augment_keeps_the_intrinsics_of_the_view():
+    """Without rotation, a pixel of the augmented view back-projects with the new intrinsics to the point its source
+    pixel gives with the old ones (x mirrored on flipped images, as flip_sample mirrors joints3d)."""
+    from encoders import back_project
+    batch = ramp_batch()
+    out = data.BatchAugment(rotate=0, color_jitter=0)(batch, torch.Generator().manual_seed(3))
+    _, flipped = source_slots(out)
+    pixels = torch.tensor([[12.0, 20.0], [25.0, 30.0]]).expand(6, 2, 2)
+    src = read_at(data.denormalize_rgb(out["rgb"]), pixels)[..., :2] * 100  # [B, 2, 2] source (x, y)
+    z = torch.full((6, 2), 2.0)
+    new = back_project(pixels[..., 0], pixels[..., 1], z, out["intrinsics"])
+    old = back_project(src[..., 0], src[..., 1], z, batch["intrinsics"])
+    old[..., 0] = torch.where(flipped[:, None], -old[..., 0], old[..., 0])
+    torch.testing.assert_close(new, old, atol=1e-3, rtol=0)
+
+
+def test_batch_augment_gives_a_rank_the_rows_of_the_whole_batch():
+    """Under DDP each rank augments its slice of the global batch: with the slice's first row and the global size,
+    the rows come out as they do when one process augments the whole batch."""
+    batch = ramp_batch()
+    aug = data.BatchAugment()
+    whole = aug(batch, torch.Generator().manual_seed(7))
+    for first in (0, 3):
+        part = {k: ({m: p[first:first + 3] for m, p in v.items()} if isinstance(v, dict) else v[first:first + 3])
+                for k, v in batch.items()}
+        half = aug(part, torch.Generator().manual_seed(7), first, 6)
+        for k in ("rgb", "depth", "keypoints", "keypoints_visible", "intrinsics"):
+            torch.testing.assert_close(half[k], whole[k][first:first + 3])
