@@ -2,6 +2,7 @@
 
     python bench.py                  # every section
     python bench.py losses encoders  # chosen sections: losses, encoders, synthetic, train
+    python bench.py --run runs/hcmoco  # the FLOP throughput of a finished pre-training run
 
 Timings are wall-clock medians; CUDA runs synchronise before reading the clock. Peak memory is the device's
 peak allocation on CUDA and, on CPU (Linux), the rise of a fresh process's peak resident memory during one
@@ -216,45 +217,124 @@ def bench_synthetic():
 
 
 # ----------------------------------------------------------------------------------------------------------- train
-def bench_train():
-    """One pre-training step split into data, encoders (forward + backward) and the losses, for the CPU preset
-    (and HRNet-W18 / bf16 / batch 56 on a GPU)."""
+def matmul_peak(dtype, n=2048):
+    """The machine's practical peak: GFLOP/s of an n x n x n matrix product in `dtype` (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timeit(lambda: a @ b, warmup=2, iters=5) / 1e9
+
+
+def preset_step(cfg, stage, bf16, channels_last=False):
+    """(step(), the step's FLOPs): one forward + backward + optimiser step of the preset's model on one augmented
+    batch, in the stage's model configuration; FLOPs counted by torch.utils.flop_counter (matrix products and
+    convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     import data
+    import synthetic
     import train
     from hcmoco import HCMoCo
-    preset = "paper" if DEVICE.type == "cuda" else "cpu"
-    cfg = replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=512,
-                  batch_size=56 if DEVICE.type == "cuda" else train.PRESETS[preset].batch_size)
-    dataset = train.build_dataset(cfg)
-    model = HCMoCo(train.model_config(cfg, 2, len(dataset))).to(DEVICE)
-    t0 = time.perf_counter()
-    samples = [dataset[(i, i)] for i in range(cfg.batch_size)]
-    batch = data.to_device(data.collate(samples), DEVICE)
-    t_data = time.perf_counter() - t0
-    bf16 = DEVICE.type == "cuda"
-    if bf16:
+    people = synthetic.SyntheticHumans(cfg.batch_size, cfg.image_size, seed=5, domain="indoor")
+    raw = data.collate([{k: v for k, v in people[i].items() if k in data.PRETRAIN_KEYS} for i in range(len(people))])
+    batch = data.to_device(data.BatchAugment()(raw, torch.Generator().manual_seed(0)), DEVICE)
+    torch.manual_seed(0)
+    model = HCMoCo(train.model_config(cfg, stage, cfg.synthetic_samples)).to(DEVICE)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+        batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def full():
+    def step():
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             loss, _ = model(batch)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        optimizer.step()
 
-    def encoders_only():
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            emb = model.embed(batch)
-        sum(v.float().square().mean() for level in emb.values() for v in level.values()).backward()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return step, counter.get_total_flops()
 
-    iters = 3 if DEVICE.type == "cpu" else 10
-    t_full, t_enc = timeit(full, 1, iters), timeit(encoders_only, 1, iters)
-    t_loss = max(t_full - t_enc, 0.0)
-    rows = [["data (render + augment + collate, 1 process)", f"{t_data:.3f}", ""],
-            ["encoders + mappers, forward + backward", f"{t_enc:.3f}", f"{100 * t_enc / t_full:.0f} %"],
-            ["losses (Eq. 2, 3-5, 6), forward + backward", f"{t_loss:.3f}", f"{100 * t_loss / t_full:.0f} %"],
-            ["model step", f"{t_full:.3f}", f"{cfg.batch_size / t_full:.1f} samples/s"]]
-    print(f"preset {preset}: HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'} on {DEVICE.type}")
-    table(rows, ["part", "seconds", "share of the model step"])
+
+def bench_train():
+    """The preset's training step against the machine's limit: its FLOPs, its time in fp32 and bf16 (with and
+    without channels_last), the resulting FLOP throughput and model-FLOP utilisation (MFU: throughput / the bf16
+    matrix-product peak, or fp32's where the device has no native bf16); then where a step of the default run goes."""
+    import time as clock
+
+    import cli
+    import data
+    import train
+    preset = "paper" if DEVICE.type == "cuda" else "cpu"
+    cfg = replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=4096,
+                  batch_size=56 if DEVICE.type == "cuda" else train.PRESETS[preset].batch_size)
+    native = cli.native_bf16(DEVICE.type)
+    peak = {"fp32": matmul_peak(torch.float32), **({"bf16": matmul_peak(torch.bfloat16)} if native else {})}
+    limit = peak.get("bf16", peak["fp32"])
+    print(f"matrix-product peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+    print(f"preset {preset}: HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}; MFU against "
+          f"{'bf16' if native else 'fp32'} {limit:.0f} GFLOP/s")
+    rows = []
+    for stage in (1, 2):
+        for bf16, cl in ((False, False), (False, True), (True, False), (True, True)):
+            if bf16 and not native:
+                continue
+            step, flops = preset_step(cfg, stage, bf16, cl)
+            t = timeit(step, warmup=1, iters=3 if DEVICE.type == "cpu" else 10)
+            rows.append([stage, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{flops / 1e9:.1f}",
+                         f"{t:.3f}", f"{flops / t / 1e9:.0f}", f"{100 * flops / t / 1e9 / limit:.0f} %"])
+    table(rows, ["stage", "precision", "channels_last", "GFLOP/step", "seconds", "GFLOP/s", "MFU"])
+
+    # where a step of the default run goes: the parts timed on their own, the monitors and the checkpoint once per
+    # eval_every / save_every steps
+    bf16 = cli.use_bf16(cfg.precision, DEVICE.type)
+    step, flops = preset_step(cfg, 2, bf16)
+    dataset = train.build_dataset(replace(cfg, synthetic_samples=cfg.batch_size * 4, workers=0))
+    loader = train.batches(cfg, dataset, 2, 0, 4, 0, 1, DEVICE)
+    t0 = clock.perf_counter()
+    raw = [next(iter(loader)) for _ in range(3)][-1]
+    t_load = (clock.perf_counter() - t0) / 3
+    augment = data.BatchAugment()
+    t_aug = timeit(lambda: augment(raw, torch.Generator().manual_seed(0)), warmup=1, iters=5)
+    t_step = timeit(step, warmup=1, iters=3)
+    from hcmoco import HCMoCo
+    model = HCMoCo(train.model_config(cfg, 2, 4096)).to(DEVICE)
+    heldout = data.to_device(train.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
+    initial = train.conv_weights(model)
+    t_mon = timeit(lambda: train.monitors(model, heldout, initial), warmup=1, iters=2)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        state = dict(model=model.state_dict(), optimizer=torch.optim.AdamW(model.parameters()).state_dict())
+        t_save = timeit(lambda: cli.save_atomic(state, f"{tmp}/x.pt"), warmup=1, iters=3)
+    parts = [("batch from the cached set (loader, collate)", t_load), ("augmentation (BatchAugment)", t_aug),
+             (f"model: forward, backward, AdamW ({'bf16' if bf16 else 'fp32'})", t_step),
+             (f"monitors, once per {cfg.eval_every} steps", t_mon / cfg.eval_every),
+             (f"checkpoint, once per {cfg.save_every} steps", t_save / cfg.save_every)]
+    total = sum(t for _, t in parts)
+    print(f"\na stage-2 step of the default run: {total:.3f} s, {flops / total / 1e9:.0f} GFLOP/s")
+    table([[name, f"{t * 1000:.1f}", f"{100 * t / total:.0f} %"] for name, t in parts], ["part", "ms", "share"])
+
+
+def bench_run(folder):
+    """The whole-run FLOP throughput of a finished train.py run: every step's FLOPs (counted on its config, per
+    stage) over the run's wall time from its log (the time column of each stage's last row)."""
+    import json
+    import math
+
+    import train
+    with open(f"{folder}/config.json") as f:
+        cfg = replace(train.Config(**json.load(f)), device=DEVICE.type)
+    rows = train.read_log(folder)
+    total_flops, total_time = 0.0, 0.0
+    for stage in (1, 2):
+        last = [r for r in rows if r["stage"] == stage]
+        if not last:
+            continue
+        steps = cfg.steps or cfg.epochs * math.ceil(cfg.synthetic_samples / cfg.batch_size)
+        _, flops = preset_step(cfg, stage, False)
+        total_flops += steps * flops
+        total_time += last[-1]["time"]
+    print(f"{folder}: {total_flops / 1e12:.1f} TFLOP in {total_time:.0f} s of training: "
+          f"{total_flops / total_time / 1e9:.0f} GFLOP/s")
 
 
 SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}
@@ -271,15 +351,19 @@ def main():
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--run", metavar="FOLDER", help="also the whole-run FLOP throughput of a finished train.py run")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU only'}")
-    for name in args.sections or SECTIONS:
+    for name in args.sections or ([] if args.run else SECTIONS):
         print(f"\n== {name} ==")
         SECTIONS[name]()
+    if args.run:
+        print(f"\n== run {args.run} ==")
+        bench_run(args.run)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,18 @@ def pick_device(name):
     return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+def native_bf16(device):
+    """Whether `device` ('cpu' | 'cuda') computes in bf16 natively (CPU: AVX512-BF16 or AMX, through oneDNN)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def use_bf16(precision, device):
+    """Whether a run of --precision auto | fp32 | bf16 on `device` computes under bf16 autocast."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
 def cosine_lr(base, step, total, warmup=0):
     """The learning rate of `step` in [0, total): a linear warm-up over the first `warmup` steps times a half-cosine
     from base to 0, base * min(1, (step + 1) / warmup) * (1 + cos(pi step / total)) / 2."""

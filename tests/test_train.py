@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import data
 import hcmoco
 import train
 from conftest import BAD_CHECKPOINTS, write_bad_checkpoint
@@ -221,8 +222,10 @@ def test_paper_preset_has_the_published_resolution_and_augmentation():
     cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
     assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
+    assert cfg.lambda_sparse == 1.0 and cfg.augment == "published"
+    # the CPU preset augments whole batches in the training loop (data.BatchAugment): its items come untransformed
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
-    assert [p.transform.recipe for p in train.build_dataset(cpu).datasets] == ["cpu", "cpu"]
+    assert cpu.augment == "batch" and not any(isinstance(p, data.Transformed) for p in train.build_dataset(cpu).datasets)
 
 
 def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, capsys):
@@ -262,6 +265,32 @@ class CodeModel(torch.nn.Module):
         return {"global": {"rgb": self.g[0][rows], "depth": self.g[1][rows], "keypoints": self.g[0][rows]},
                 "dense": {"rgb": self.d[0][rows], "depth": self.d[1][rows]}}
 
+    def dense_embed(self, batch, modality):  # the moved view: these codes do not follow the image
+        return self.d[1][: len(batch["depth"])]
+
+
+class PixelCodeModel(CodeModel):
+    """Dense embeddings looked up per pixel in a random table and averaged over each 4 x 4 cell: by the pixel's own
+    position, or by the content it shows (the depth image holds each source pixel's index, so a moved depth image
+    shows where its pixels came from)."""
+
+    def __init__(self, g, table, follows):
+        super().__init__(g, g, None, None)
+        self.table, self.follows = table, follows
+
+    def code(self, depth):
+        B, _, H, W = depth.shape
+        own = torch.arange(1, H * W + 1).view(1, H, W).expand(B, H, W)
+        index = depth[:, 0].long() if self.follows == "content" else own
+        return torch.nn.functional.avg_pool2d(self.table[index].permute(0, 3, 1, 2), 4)  # [B, D, H/4, W/4]
+
+    def embed(self, batch):
+        dense = self.code(batch["depth"])
+        return {"global": {m: self.g[0] for m in ("rgb", "depth", "keypoints")}, "dense": {"rgb": dense, "depth": dense}}
+
+    def dense_embed(self, batch, modality):
+        return self.code(batch["depth"])
+
 
 def test_monitors_tell_content_from_position():
     """Held-out retrieval, embedding collapse and the dense positional control, on embeddings made to order: a
@@ -279,3 +308,37 @@ def test_monitors_tell_content_from_position():
     assert con["retrieval"] == 0.0 and con["dense_acc"] == 1.0 and con["dense_acc_other"] < 0.2
     collapsed = train.monitors(CodeModel(g[:1].expand(B, D), g, content, content), batch, {})
     assert collapsed["cos_rgb"] > 0.999
+
+
+def test_the_moved_view_tells_a_body_code_from_a_position_code():
+    """dense_acc_moved: with the depth image moved, embeddings that follow what a pixel shows still find their cell;
+    a code of pixel position, which matches perfectly when nothing moves, does not."""
+    B, D, H = 8, 64, 48
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(H), indexing="ij")
+    batch = {"index": torch.arange(B), "mask": torch.ones(B, H, H, dtype=torch.bool),
+             "depth": (1 + ys * H + xs).float()[None, None].expand(B, 1, H, H),
+             "present": {m: torch.ones(B, dtype=torch.bool) for m in hcmoco.MODALITIES}}
+    table = torch.nn.functional.normalize(torch.randn(H * H + 1, D), dim=-1)
+    g = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
+    content = train.monitors(PixelCodeModel(g, table, "content"), batch, {})
+    position = train.monitors(PixelCodeModel(g, table, "position"), batch, {})
+    assert content["dense_acc"] == position["dense_acc"] == 1.0
+    assert content["dense_acc_moved"] > 0.8 and position["dense_acc_moved"] < 0.3
+
+
+def test_precision_auto_is_bf16_where_the_device_has_it(monkeypatch):
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(train.cli, "native_bf16", lambda device, native=native: native)
+        assert train.parse_args(["--preset", "cpu"]).precision == want
+        assert train.parse_args(["--preset", "cpu", "--precision", "fp32"]).precision == "fp32"
+
+
+def test_a_bf16_run_keeps_float32_weights_and_learns_the_same_terms(tmp_path):
+    """bf16 autocast on the CPU: the losses stay finite and close to the fp32 run's at the first step (the losses
+    upcast their inputs), the weights and the saved checkpoint stay float32."""
+    for precision in ("fp32", "bf16"):
+        run(tmp_path / precision, "--stage", "1", "--steps", "2", "--precision", precision)
+    rows = {p: [json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("fp32", "bf16")}
+    first = {p: rows[p][0]["loss"] for p in rows}
+    assert abs(first["bf16"] - first["fp32"]) < 0.05 * first["fp32"]
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16" / "stage1.pt").values() if v.is_floating_point())
