@@ -1,20 +1,24 @@
 """The paper's comparisons on the synthetic benchmark, with repeats and intervals; resumable (a finished pre-training
 stage or a run with a metrics.json is not redone).
 
-    python experiments.py --out runs/experiments [--quick] [--jobs 2]
-    python finetune.py experiments --out runs/experiments [--quick] [--jobs 2]     # the same
+    python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
 
-Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it.
-Fine-tuning (finetune.py), all tested on the same 500 images:
-  Table 2   scratch / CMC / HCMoCo on RGB and depth parsing; at 5 % labels every arm runs on the same 3 label
-            subsets x 2 seeds, so each HCMoCo run has a scratch and a CMC twin; at 100 % labels one seed
+Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it; the
+whole pre-training again with two more seeds (the noise floor); with --backbone-init, once more from those weights
+(the paper's Ours* vs Ours: ImageNet init vs none).
+Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
+subsets x 2 seeds, so every comparison is paired:
+  Table 2   scratch / CMC / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
   curves    scratch and HCMoCo at 5 % labels after 100 fine-tuning steps (the tables use 300)
-  probes    frozen linear probes (rgb-probe, depth-probe) of CMC, HCMoCo, a random network with the same init
-            and pixel (x, y) + input
-  Table 3   the ladder of targets on depth parsing at 5 % labels (label subset 1, seed 0)
-  Tables 6-7   cross-modal supervision both ways and missing-modality inference
-Jobs run `--jobs` at a time, each on its share of the cores. results.json holds every run and the summary;
-results.md the tables: means, and paired gains with a bootstrap 95 % interval and the win rate.
+  probes    frozen linear probes (rgb-probe, depth-probe) of every Table 3 row, of the noise-floor seeds, of a
+            random network with the same init and of pixel (x, y) + input
+  Table 3   every row (sample-level, + dense hard, + dense soft, + sparse) on RGB and depth parsing at 5 % labels
+            and by its probes; each row's gain over the previous one with its interval
+  Tables 6-7   cross-modal supervision both ways and missing-modality inference, under the published protocol
+            (every arm starts from the CMC checkpoint and trains its head with its contrastive targets: none,
+            sample-level, all) and under ours (scratch without targets; HCMoCo from its own stage 2)
+Jobs run `--jobs` at a time, each on its share of the cores. results.json holds every run (its fields and metrics)
+and the summary; results.md the tables: means, paired gains with a bootstrap 95 % interval and the win rate.
 """
 import argparse
 import functools
@@ -23,7 +27,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -35,7 +39,12 @@ from encoders import CheckpointError
 
 ARMS = ("scratch", "CMC", "HCMoCo")  # Table 2's inits
 LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
+LABELS = {"global": "sample-level (CMC form)", "hard": "+ dense, hard (InfoNCE)", "soft": "+ dense, soft",
+          "full": "+ sparse (HCMoCo)"}
+PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
+NOISE_SEEDS = (1, 2)  # the full pre-training again with these seeds: the noise floor
+CURVE_STEPS = 100  # the curves' shorter fine-tuning budget
 # --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
 QUICK_PRETRAIN = dict(steps=4, image_size=48, synthetic_samples=64, batch_size=8, heldout=8)
 QUICK_FINETUNE = dict(steps=3, train_samples=16, test_samples=8, image_size=48)
@@ -46,6 +55,7 @@ class Options:
     out: str = "runs/experiments"
     quick: bool = False  # a few steps of everything (smoke test)
     jobs: int = 2  # runs at once, each on cores / jobs threads
+    backbone_init: str | None = None  # ImageNet HRNet weights: adds the Ours* arm (pre-training from them)
 
 
 def parse_args(argv=None):
@@ -53,77 +63,131 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_options(parser, Options)
     opts = Options(**vars(parser.parse_args(argv)))
-    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}"), cli.out_check(opts.out)])
+    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}"), cli.out_check(opts.out),
+                       (opts.backbone_init is None or os.path.isfile(opts.backbone_init),
+                        f"--backbone-init: {opts.backbone_init} not found")])
     return opts
 
 
 # ------------------------------------------------------------------------------------------------------ the runs
-def experiments(opts):
-    """Pre-train, fine-tune every run not yet done, then write results.json and results.md."""
-    quick = opts.quick
-    subsets, seeds, budgets = ((1,), (0,), (2,)) if quick else ((1, 2, 3), (0, 1), (100,))
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning or probe run: the fields the tables select it by, and where it writes."""
+    group: str  # table2 | curve | ladder | probe | noise | versatility
+    task: str
+    arm: str  # the init (Table 2), the Table 3 row, the probe's features, the versatility arm
+    ratio: float = HIGH
+    subset: int = 0
+    seed: int = 0
+    steps: int | None = None  # None: finetune.Config's
+    protocol: str = ""  # versatility: published | ours
+    source: str = "rgb"  # cross-modal
+    target: str = "depth"
+
+    @property
+    def folder(self):
+        parts = [self.group, self.task, self.protocol, self.arm, f"{self.source}-to-{self.target}"
+                 if self.task == "cross-modal" else "", f"ratio{self.ratio:g}", f"subset{self.subset}-seed{self.seed}",
+                 f"steps{self.steps}" if self.steps else ""]
+        return os.path.join(*[p for p in parts if p])
+
+
+def pretraining(opts, quick):
+    """Train every pre-training run not yet finished; -> {name: checkpoint} for stage1 ('CMC') and each stage 2."""
     pre = os.path.join(opts.out, "pretrain")
     first = os.path.join(pre, "full")
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
     base = replace(base, device=cli.pick_device(base.device))
     run_jobs([("train", replace(base, stage=1, out=first))], 1)
-    stage2 = []
+    jobs, ckpts = [], {"CMC": os.path.join(first, "stage1.pt")}
     for name, targets in LADDER.items():
         out = os.path.join(pre, name)
         os.makedirs(out, exist_ok=True)
         if out != first and not os.path.exists(os.path.join(out, "stage1.pt")):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
-        stage2.append(("train", replace(base, stage=2, targets=targets, out=out)))
-    run_jobs(stage2, opts.jobs)
-    inits = {"scratch": "scratch", "CMC": os.path.join(first, "stage1.pt"),
-             "HCMoCo": os.path.join(pre, "full", "stage2.pt")}
-    same_init = train.load_stage(inits["CMC"])["config"]["model"]["init"]
-    keys, jobs = [], []
-
-    def job(key, **kw):
-        keys.append(key)
-        out = os.path.join(opts.out, key)
-        if not os.path.exists(os.path.join(out, "metrics.json")):
-            sizes = QUICK_FINETUNE if quick else {}
-            jobs.append(("finetune", finetune.Config(**{**sizes, **kw}, out=out, workers=0)))
-
-    grid = [(s, seed) for s in subsets for seed in seeds]
-    for task in ("rgb-parsing", "depth-parsing"):
-        for arm in ARMS:
-            for s, seed in grid:
-                job(f"{task}/{arm}/low/subset{s}-seed{seed}", task=task, init=inits[arm], ratio=LOW, subset=s, seed=seed)
-            job(f"{task}/{arm}/high/seed{seeds[0]}", task=task, init=inits[arm], ratio=HIGH, seed=seeds[0])
-        for arm in ("scratch", "HCMoCo"):
-            for steps in budgets:
-                job(f"{task}/{arm}/low/subset{subsets[0]}-seed{seeds[0]}/steps{steps}", task=task, init=inits[arm],
-                    ratio=LOW, subset=subsets[0], seed=seeds[0], steps=steps)
-    for modality in ("rgb", "depth"):
-        for arm, init in (("random", "scratch"), ("pixels", "pixels"), ("CMC", inits["CMC"]),
-                          ("HCMoCo", inits["HCMoCo"])):
-            job(f"probe/{modality}/{arm}", task=f"{modality}-probe", init=init, scratch_init=same_init)
-    for name in ("global", "hard", "soft"):  # the first label subset only, to keep the run under 2 h
-        for s in subsets[:1]:
-            job(f"ablation/{name}/subset{s}-seed{seeds[0]}", task="depth-parsing",
-                init=os.path.join(pre, name, "stage2.pt"), ratio=LOW, subset=s, seed=seeds[0])
-    for arm, init, contrast in (("none", "scratch", "none"), ("CMC", inits["CMC"], "global"),
-                                ("HCMoCo", inits["HCMoCo"], "full")):
-        for source, target in (("rgb", "depth"), ("depth", "rgb")):
-            job(f"cross-modal/{source}-to-{target}/{arm}/seed{seeds[0]}", task="cross-modal", init=init,
-                source=source, target=target, contrast=contrast, seed=seeds[0])
-        job(f"missing-modal/{arm}/seed{seeds[0]}", task="missing-modal", init=init, contrast=contrast, seed=seeds[0])
+        jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
+        ckpts[name] = os.path.join(out, "stage2.pt")
+    for seed in NOISE_SEEDS:
+        out = os.path.join(pre, f"full-seed{seed}")
+        jobs.append(("train", replace(base, stage=2, seed=seed, out=out)))
+        ckpts[f"seed{seed}"] = os.path.join(out, "stage2.pt")
+    if opts.backbone_init:
+        out = os.path.join(pre, "full-imagenet")
+        jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
+        ckpts["imagenet"] = os.path.join(out, "stage2.pt")
     run_jobs(jobs, opts.jobs)
+    ckpts["HCMoCo"] = ckpts["full"]
+    return ckpts
+
+
+def grid(ckpts, quick):
+    """Every fine-tuning and probe run, each with the finetune.Config it runs."""
+    subsets, seeds = ((1,), (0,)) if quick else ((1, 2, 3), (0, 1))
+    low = [dict(ratio=LOW, subset=s, seed=seed) for s in subsets for seed in seeds]
+    inits = {"scratch": "scratch", **ckpts}
+    same_init = train.load_stage(ckpts["CMC"])["config"]["model"]["init"]
     runs = {}
-    for key in keys:
-        with open(os.path.join(opts.out, key, "metrics.json")) as f:
-            runs[key] = {k: v for k, v in json.load(f).items() if k not in ("config", "iou", "sweep")}
-    main_steps = QUICK_FINETUNE["steps"] if quick else finetune.Config.steps
-    summary = summarise(runs, subsets, seeds, budgets, main_steps)
-    cli.save_json(dict(runs=runs, summary=summary), os.path.join(opts.out, "results.json"))
+
+    def add(run, **config):
+        runs[run] = dict(task=run.task, ratio=run.ratio, subset=run.subset, seed=run.seed, **config,
+                         **({"steps": run.steps} if run.steps else {}))
+
+    for task in PARSING:
+        for arm in ARMS:
+            for kw in low:
+                add(Run("table2", task, arm, **kw), init=inits[arm])
+            add(Run("table2", task, arm, seed=seeds[0]), init=inits[arm])
+        for arm in ("scratch", "HCMoCo"):
+            add(Run("curve", task, arm, **low[0], steps=CURVE_STEPS), init=inits[arm])
+        for row in ("global", "hard", "soft"):  # the full row is Table 2's HCMoCo
+            for kw in low:
+                add(Run("ladder", task, row, **kw), init=inits[row])
+        if "imagenet" in ckpts:  # Ours* (from ImageNet weights) against Ours (Table 2's HCMoCo)
+            for kw in low:
+                add(Run("table2", task, "HCMoCo*", **kw), init=inits["imagenet"])
+    for modality in ("rgb", "depth"):
+        task = f"{modality}-probe"
+        for arm in ("random", "pixels", "CMC", *LADDER, *(f"seed{s}" for s in NOISE_SEEDS)):
+            init = {"random": "scratch", "pixels": "pixels"}.get(arm, inits.get(arm))
+            add(Run("probe", task, arm), init=init, scratch_init=same_init)
+    for protocol, arms in (("published", (("none", "CMC", "none"), ("CMC", "CMC", "global"), ("HCMoCo", "CMC", "full"))),
+                           ("ours", (("none", "scratch", "none"), ("HCMoCo", "HCMoCo", "full")))):
+        for arm, init, contrast in arms:
+            for source, target in (("rgb", "depth"), ("depth", "rgb")):
+                add(Run("versatility", "cross-modal", arm, protocol=protocol, source=source, target=target,
+                        seed=seeds[0]), init=inits[init], contrast=contrast, source=source, target=target)
+            add(Run("versatility", "missing-modal", arm, protocol=protocol, seed=seeds[0]), init=inits[init],
+                contrast=contrast)
+    return runs
+
+
+def experiments(opts):
+    """Pre-train, fine-tune every run not yet done, then write results.json and results.md."""
+    quick = opts.quick
+    ckpts = pretraining(opts, quick)
+    runs = grid(ckpts, quick)
+    sizes = QUICK_FINETUNE if quick else {}
+    jobs = [("finetune", finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0))
+            for run, config in runs.items() if not os.path.exists(os.path.join(opts.out, run.folder, "metrics.json"))]
+    run_jobs(jobs, opts.jobs)
+    measured = {run: read_run(os.path.join(opts.out, run.folder)) for run in runs}
+    summary = summarise(measured, QUICK_FINETUNE["steps"] if quick else finetune.Config.steps)
+    cli.save_json(dict(runs=[dict(asdict(run), folder=run.folder, metrics=m["metrics"]) for run, m in measured.items()],
+                       summary=summary), os.path.join(opts.out, "results.json"))
     table = results_markdown(summary)
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(table)
     print(table)
+
+
+def read_run(folder):
+    """{'metrics': the run's metrics.json without its config and per-class table, 'counts': its per_image.pt
+    ({'per_image': finetune.image_counts of the test set}, a versatility run's per test view) or None}."""
+    with open(os.path.join(folder, "metrics.json")) as f:
+        metrics = {k: v for k, v in json.load(f).items() if k not in ("config", "iou", "sweep")}
+    path = os.path.join(folder, "per_image.pt")
+    return dict(metrics=metrics, counts=torch.load(path, weights_only=True) if os.path.exists(path) else None)
 
 
 def run_jobs(jobs, n):
@@ -164,75 +228,134 @@ def paired_gain(a, b, resamples=10_000, seed=0):
     return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), wins=float((d > 0).mean()), n=len(d))
 
 
-def summarise(runs, subsets, seeds, budgets, main_steps):
-    """The tables' numbers from the runs: means over repeats, and paired gains at 5 % labels (main_steps: the
-    fine-tuning budget of the main runs)."""
-    low = [f"subset{s}-seed{seed}" for s in subsets for seed in seeds]
-    one = f"subset{subsets[0]}-seed{seeds[0]}"  # the curves' run
-    out = {"table2": {}, "gains": {}, "curves": {}, "probes": {}, "ladder": {}, "versatility": {}}
-    for task in ("rgb-parsing", "depth-parsing"):
-        miou = {arm: [runs[f"{task}/{arm}/low/{k}"]["miou"] for k in low] for arm in ARMS}
-        for arm in ARMS:
-            out["table2"][f"{task}/{arm}"] = {"low": float(np.mean(miou[arm])), "low_sd": float(np.std(miou[arm])),
-                                              "high": runs[f"{task}/{arm}/high/seed{seeds[0]}"]["miou"]}
-        for a, b in (("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("CMC", "scratch")):
-            out["gains"][f"{task}/{a}-{b}"] = paired_gain(miou[a], miou[b])
-        for arm in ("scratch", "HCMoCo"):
-            for steps in budgets:
-                out["curves"][f"{task}/{arm}/{steps}"] = runs[f"{task}/{arm}/low/{one}/steps{steps}"]["miou"]
-            out["curves"][f"{task}/{arm}/{main_steps}"] = runs[f"{task}/{arm}/low/{one}"]["miou"]
-    for key, r in runs.items():
-        if key.startswith("probe/"):
-            out["probes"][key[len("probe/"):]] = r["miou"]
-    for name in ("global", "hard", "soft"):
-        out["ladder"][name] = runs[f"ablation/{name}/{one}"]["miou"]
-    out["ladder"]["full"] = runs[f"depth-parsing/HCMoCo/low/{one}"]["miou"]
-    for arm in ("none", "CMC", "HCMoCo"):
-        mm = runs[f"missing-modal/{arm}/seed{seeds[0]}"]
-        out["versatility"][arm] = {"rgb_to_depth": runs[f"cross-modal/rgb-to-depth/{arm}/seed{seeds[0]}"]["depth_miou"],
-                                   "depth_to_rgb": runs[f"cross-modal/depth-to-rgb/{arm}/seed{seeds[0]}"]["rgb_miou"],
-                                   **{f"missing_{m}": mm[f"{m}_miou"] for m in ("rgb", "depth", "fused")}}
+def image_bootstrap(a, b, resamples=2_000, seed=0):
+    """The mIoU difference of two runs on the same test images, mIoU(a) - mIoU(b), with its bootstrap 95 % interval
+    over the images (each resample draws the images with replacement and recomputes both mIoUs from the per-image
+    counts a, b [N, 3, K] of finetune.image_counts); n = the number of images."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(a), (resamples, len(a)), generator=g)  # [R, N]
+    d = (finetune.miou_of_counts(a[pick]) - finetune.miou_of_counts(b[pick])).numpy()
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return dict(mean=float(finetune.miou_of_counts(a) - finetune.miou_of_counts(b)), lo=float(lo), hi=float(hi),
+                n=len(a))
+
+
+def select(measured, **fields):
+    """The measured runs whose fields have these values, in the grid's order."""
+    return [m for run, m in measured.items() if all(getattr(run, k) == v for k, v in fields.items())]
+
+
+def summarise(measured, main_steps):
+    """The tables' numbers: means over repeats, paired gains at 5 % labels (main_steps: the fine-tuning budget of
+    the main runs), the ladder's steps with their intervals, the noise floor, the versatility tables."""
+    miou = lambda runs, key="miou": [r["metrics"][key] for r in runs]  # noqa: E731
+    out = {"table2": {}, "gains": {}, "curves": {}, "probes": {}, "ladder": {}, "noise": {}, "versatility": {}}
+    arms = [a for a in (*ARMS, "HCMoCo*") if select(measured, group="table2", arm=a)]
+    for task in PARSING:
+        low = {a: miou(select(measured, group="table2", task=task, arm=a, ratio=LOW)) for a in arms}
+        for a in arms:
+            high = select(measured, group="table2", task=task, arm=a, ratio=HIGH)
+            out["table2"][f"{task}/{a}"] = dict(low=float(np.mean(low[a])), low_sd=float(np.std(low[a])),
+                                                **({"high": high[0]["metrics"]["miou"]} if high else {}))
+        pairs = [("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("CMC", "scratch")]
+        for a, b in pairs + ([("HCMoCo*", "HCMoCo")] if "HCMoCo*" in arms else []):
+            out["gains"][f"{task}/{a}-{b}"] = paired_gain(low[a], low[b])
+        for arm in ("scratch", "HCMoCo"):  # the curves' subset and seed: the first of the grid
+            out["curves"][f"{task}/{arm}/{CURVE_STEPS}"] = miou(select(measured, group="curve", task=task, arm=arm))[0]
+            out["curves"][f"{task}/{arm}/{main_steps}"] = low[arm][0]
+        rows = {row: low["HCMoCo"] if row == "full" else miou(select(measured, group="ladder", task=task, arm=row))
+                for row in LADDER}
+        out["ladder"][task] = {row: float(np.mean(v)) for row, v in rows.items()}
+        names = list(LADDER)
+        for prev, row in zip(names, names[1:]):
+            out["ladder"][f"{task}/{row}-{prev}"] = paired_gain(rows[row], rows[prev])
+    for modality in ("rgb", "depth"):
+        probe = {r.arm: m for r, m in measured.items() if r.group == "probe" and r.task == f"{modality}-probe"}
+        out["probes"][modality] = {arm: m["metrics"]["miou"] for arm, m in probe.items()}
+        names = list(LADDER)
+        for prev, row in zip(names, names[1:]):
+            out["ladder"][f"{modality}-probe/{row}-{prev}"] = image_bootstrap(probe[row]["counts"]["per_image"],
+                                                                             probe[prev]["counts"]["per_image"])
+        seeds = [probe["full"]["metrics"]["miou"], *(probe[f"seed{s}"]["metrics"]["miou"] for s in NOISE_SEEDS)]
+        out["noise"][f"{modality}-probe"] = dict(values=seeds, spread=float(np.ptp(seeds)), sd=float(np.std(seeds)))
+    for task in PARSING:  # the fine-tuning seeds' spread: the same init and label subset, another seed
+        same = {}
+        for r, m in measured.items():
+            if r.group == "table2" and r.task == task and r.ratio == LOW:
+                same.setdefault((r.arm, r.subset), []).append(m["metrics"]["miou"])
+        out["noise"][f"{task}/finetune-seed"] = float(np.mean([np.ptp(v) for v in same.values()]))
+    for protocol in ("published", "ours"):
+        for arm in ("none", "CMC", "HCMoCo"):
+            cross = {(r.source, r.target): m["metrics"] for r, m in measured.items() if r.group == "versatility"
+                     and r.protocol == protocol and r.arm == arm and r.task == "cross-modal"}
+            missing = select(measured, group="versatility", protocol=protocol, arm=arm, task="missing-modal")
+            if cross:
+                out["versatility"][f"{protocol}/{arm}"] = {
+                    "rgb_to_depth": cross[("rgb", "depth")]["depth_miou"],
+                    "rgb_to_rgb": cross[("rgb", "depth")]["rgb_miou"],  # the same head on its own modality
+                    "depth_to_rgb": cross[("depth", "rgb")]["rgb_miou"],
+                    "depth_to_depth": cross[("depth", "rgb")]["depth_miou"],
+                    **{f"missing_{m}": missing[0]["metrics"][f"{m}_miou"] for m in ("rgb", "depth", "fused")}}
     return out
 
 
+def interval(g):
+    wins = f", {round(g['wins'] * g['n'])}/{g['n']}" if "wins" in g else ""
+    return f"{g['mean']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}]{wins}"
+
+
 def results_markdown(s):
-    """The measured tables in the shapes of the paper's Tables 2-3 and 6-7, with the paired gains, the probes and
-    the fine-tuning curves."""
+    """The measured tables in the shapes of the paper's Tables 2-3 and 6-7, with the paired gains, the probes, the
+    noise floor and the fine-tuning curves."""
     f = lambda x: f"{x:.1f}"  # noqa: E731
     t2 = s["table2"]
+    arms = sorted({k.split("/")[1] for k in t2}, key=lambda a: (*ARMS, "HCMoCo*").index(a))
     lines = [f"| init | RGB parsing mIoU ({LOW:.0%} labels) | RGB ({HIGH:.0%}) | depth parsing mIoU ({LOW:.0%}) "
              f"| depth ({HIGH:.0%}) |", "|---|---|---|---|---|"]
-    for arm in ARMS:
-        cells = [f"{f(t2[f'{t}/{arm}']['low'])} ± {f(t2[f'{t}/{arm}']['low_sd'])} | {f(t2[f'{t}/{arm}']['high'])}"
-                 for t in ("rgb-parsing", "depth-parsing")]
+    for arm in arms:
+        cells = [f"{f(t2[f'{t}/{arm}']['low'])} ± {f(t2[f'{t}/{arm}']['low_sd'])} | "
+                 f"{f(t2[f'{t}/{arm}']['high']) if 'high' in t2[f'{t}/{arm}'] else '–'}" for t in PARSING]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"| paired gain at {LOW:.0%} labels (mIoU) | RGB parsing: mean [95 % CI], wins | depth parsing |",
               "|---|---|---|"]
-    for pair in ("HCMoCo-scratch", "HCMoCo-CMC", "CMC-scratch"):
-        cells = [s["gains"][f"{t}/{pair}"] for t in ("rgb-parsing", "depth-parsing")]
-        lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(
-            f"{g['mean']:+.1f} [{g['lo']:+.1f}, {g['hi']:+.1f}], {round(g['wins'] * g['n'])}/{g['n']}" for g in cells)
-            + " |")
+    for pair in sorted({k.split("/")[1] for k in s["gains"]}, key=lambda p: ("HCMoCo-scratch", "HCMoCo-CMC",
+                                                                          "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
+        lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(interval(s["gains"][f"{t}/{pair}"])
+                                                                    for t in PARSING) + " |")
     budgets = sorted({int(k.rsplit("/", 1)[1]) for k in s["curves"]})
-    lines += ["", f"| fine-tuning steps ({LOW:.0%} labels) | " + " | ".join(
+    lines += ["", f"| fine-tuning steps ({LOW:.0%} labels, one subset and seed) | " + " | ".join(
         f"{t} {arm}" for t in ("RGB", "depth") for arm in ("scratch", "HCMoCo")) + " |", "|---" * 5 + "|"]
     for steps in budgets:
-        lines.append(f"| {steps} | " + " | ".join(f(s["curves"][f"{t}/{arm}/{steps}"]) for t in ("rgb-parsing",
-                     "depth-parsing") for arm in ("scratch", "HCMoCo")) + " |")
+        lines.append(f"| {steps} | " + " | ".join(f(s["curves"][f"{t}/{arm}/{steps}"]) for t in PARSING
+                                                  for arm in ("scratch", "HCMoCo")) + " |")
     p = s["probes"]
     lines += ["", "| frozen linear probe (all labels) | RGB mIoU | depth mIoU |", "|---|---|---|"]
     for arm, label in (("pixels", "pixel (x, y) + input"), ("random", "random network, same init"), ("CMC", "CMC"),
-                       ("HCMoCo", "HCMoCo")):
-        lines.append(f"| {label} | {f(p[f'rgb/{arm}'])} | {f(p[f'depth/{arm}'])} |")
-    lines += ["", f"| Table 3 row (targets) | depth parsing mIoU ({LOW:.0%} labels) |", "|---|---|"]
-    for name, label in (("global", "sample-level (CMC)"), ("hard", "+ dense, hard (InfoNCE)"),
-                        ("soft", "+ dense, soft"), ("full", "+ sparse (HCMoCo)")):
-        lines.append(f"| {label} | {f(s['ladder'][name])} |")
-    lines += ["", "| contrastive targets | RGB -> depth mIoU | depth -> RGB mIoU | missing-modal: RGB only | depth only "
-              "| both |", "|---|---|---|---|---|---|"]
-    for arm, v in s["versatility"].items():
-        lines.append(f"| {arm} | {f(v['rgb_to_depth'])} | {f(v['depth_to_rgb'])} | {f(v['missing_rgb'])} | "
-                     f"{f(v['missing_depth'])} | {f(v['missing_fused'])} |")
+                       ("full", "HCMoCo")):
+        lines.append(f"| {label} | {f(p['rgb'][arm])} | {f(p['depth'][arm])} |")
+    lines += ["", f"| Table 3 row | RGB probe | depth probe | RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |",
+              "|---|---|---|---|---|"]
+    names = list(LADDER)
+    for k, row in enumerate(names):
+        lines.append(f"| {LABELS[row]} | {f(p['rgb'][row])} | {f(p['depth'][row])} | "
+                     f"{f(s['ladder']['rgb-parsing'][row])} | {f(s['ladder']['depth-parsing'][row])} |")
+        if k:
+            step = [s["ladder"][f"{t}/{row}-{names[k - 1]}"] for t in ("rgb-probe", "depth-probe", *PARSING)]
+            lines.append(f"| &nbsp;&nbsp; gain over the row above | " + " | ".join(map(interval, step)) + " |")
+    n = s["noise"]
+    lines += ["", "| noise floor | RGB | depth |", "|---|---|---|",
+              f"| probe, pre-training seeds {', '.join(map(str, (0, *NOISE_SEEDS)))} (range) | "
+              f"{f(n['rgb-probe']['spread'])} ({', '.join(map(f, n['rgb-probe']['values']))}) | "
+              f"{f(n['depth-probe']['spread'])} ({', '.join(map(f, n['depth-probe']['values']))}) |",
+              f"| {LOW:.0%}-label parsing, fine-tuning seeds 0 and 1 (mean range) | "
+              f"{f(n['rgb-parsing/finetune-seed'])} | {f(n['depth-parsing/finetune-seed'])} |"]
+    lines += ["", "| protocol: contrastive targets | RGB -> depth mIoU (on RGB) | depth -> RGB (on depth) | "
+              "missing-modal: RGB only | depth only | both |", "|---|---|---|---|---|---|"]
+    for key, v in s["versatility"].items():
+        protocol, arm = key.split("/")
+        lines.append(f"| {protocol}: {arm} | {f(v['rgb_to_depth'])} ({f(v['rgb_to_rgb'])}) | {f(v['depth_to_rgb'])} "
+                     f"({f(v['depth_to_depth'])}) | {f(v['missing_rgb'])} | {f(v['missing_depth'])} | "
+                     f"{f(v['missing_fused'])} |")
     return "\n".join(lines) + "\n"
 
 

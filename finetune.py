@@ -74,8 +74,29 @@ def parsing_metrics(cm):
 
 
 def segmentation_metrics(pred, label):
-    """parsing_metrics of predicted part maps against the labels, both [N, H, W]."""
-    return parsing_metrics(confusion_matrix(pred, label))
+    """parsing_metrics of predicted part maps against the labels, both [N, H, W], and their image_counts under
+    'per_image' (write_metrics saves those apart, for experiments.image_bootstrap)."""
+    return dict(parsing_metrics(confusion_matrix(pred, label)), per_image=image_counts(pred, label))
+
+
+def image_counts(pred, label, num_classes=NUM_CLASSES, ignore=255):
+    """Per image and class: pixels of the intersection of prediction and truth, of their union, and of the truth.
+    pred, label [N, H, W] -> [N, 3, K] long; summed over any set of images they give that set's IoUs."""
+    classes = torch.arange(num_classes, device=pred.device).view(1, -1, 1, 1)
+    counts = []
+    for p, t in zip(pred.split(64), label.split(64)):
+        keep = (t != ignore)[:, None]
+        p, t = (p[:, None] == classes) & keep, (t[:, None] == classes) & keep  # [n, K, H, W]
+        counts.append(torch.stack([(p & t).sum((2, 3)), (p | t).sum((2, 3)), t.sum((2, 3))], 1))
+    return torch.cat(counts)
+
+
+def miou_of_counts(counts):
+    """mIoU (%) of summed image_counts [..., N, 3, K] over the classes in the truth -> [...]."""
+    inter, union, truth = counts.sum(-3).unbind(-2)
+    iou = inter / union.clamp(min=1)
+    seen = truth > 0
+    return 100 * (iou * seen).sum(-1) / seen.sum(-1)
 
 
 def pose_metrics(pred, gt):
@@ -352,9 +373,10 @@ class Versatile(nn.Module):
 
 
 def views(cfg):
-    """(the modalities a versatility task's head trains on, {test name: the modalities it is tested on})."""
+    """(the modalities a versatility task's head trains on, {test name: the modalities it is tested on}). A cross-modal
+    head is tested on the target modality and, for reference, on its own: the transfer keeps that much of it."""
     if cfg.task == "cross-modal":
-        return [cfg.source], {cfg.target: [cfg.target]}
+        return [cfg.source], {cfg.target: [cfg.target], cfg.source: [cfg.source]}
     return ["rgb", "depth"], {"rgb": ["rgb"], "depth": ["depth"], "fused": ["rgb", "depth"]}
 
 
@@ -533,6 +555,10 @@ def write_metrics(metrics, cfg):
     """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table. Written
     through a temporary file and a rename: the experiment runner takes a run with a metrics.json as done."""
     os.makedirs(cfg.out, exist_ok=True)
+    per_image = {k: v for k, v in metrics.items() if k.endswith("per_image")}
+    metrics = {k: v for k, v in metrics.items() if k not in per_image}
+    if per_image:
+        cli.save_atomic(per_image, os.path.join(cfg.out, "per_image.pt"))
     path = os.path.join(cfg.out, "metrics.json")
     cli.save_json(dict(metrics, config=asdict(cfg)), path)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
@@ -575,12 +601,25 @@ class Probe(nn.Module):
         return self.conv((x - self.mean[:, None, None]) / self.std[:, None, None])
 
 
+def cell_labels(y, size):
+    """The majority label of each cell of a `size` (h, w) grid over part labels y [N, H, W], among the cell's
+    labelled pixels (255 where it has none). A feature cell sees its whole area: a nearest-neighbour downsampling
+    would label it with one corner pixel's part."""
+    cells = []
+    for part in y.split(64):
+        votes = F.one_hot(torch.where(part == 255, NUM_CLASSES, part), NUM_CLASSES + 1)[..., :NUM_CLASSES]
+        votes = F.adaptive_avg_pool2d(votes.permute(0, 3, 1, 2).float(), size)  # [n, K, h, w]
+        cells.append(torch.where(votes.sum(1) > 0, votes.argmax(1), 255))
+    return torch.cat(cells)
+
+
 def fit_probe(x, y, lr, steps, seed, pixels=4096):
     """A Probe on frozen features x [N, C, h, w] against part labels y [N, H, W], trained at the features'
-    resolution (labels nearest-downsampled) on `pixels` random labelled cells per step, with class-balanced
-    cross-entropy (weights 1 / class frequency, normalised to mean 1 over the classes present), AdamW, cosine."""
+    resolution (each cell's majority label, cell_labels) on `pixels` random labelled cells per step, with
+    class-balanced cross-entropy (weights 1 / class frequency, normalised to mean 1 over the classes present),
+    AdamW, cosine."""
     g = torch.Generator().manual_seed(seed)
-    small = F.interpolate(y[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()  # [N, h, w]
+    small = cell_labels(y, x.shape[-2:])  # [N, h, w]
     probe = Probe(x)
     feats = ((x - probe.mean[:, None, None]) / probe.std[:, None, None]).permute(0, 2, 3, 1).flatten(0, 2)  # [P, C]
     labels = small.flatten()
@@ -604,12 +643,11 @@ def fit_probe(x, y, lr, steps, seed, pixels=4096):
 
 @torch.no_grad()
 def probe_miou(probe, x, y):
-    """Parsing metrics of a probe on features x, logits upsampled bilinearly to the labels' size, as SegHead's."""
-    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
-    for i in range(0, len(x), 64):
-        logits = F.interpolate(probe(x[i:i + 64]), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        cm += confusion_matrix(logits.argmax(1), y[i:i + 64])
-    return parsing_metrics(cm)
+    """segmentation_metrics of a probe on features x, logits upsampled bilinearly to the labels' size, as
+    SegHead's."""
+    pred = torch.cat([F.interpolate(probe(x[i:i + 64]), size=y.shape[-2:], mode="bilinear", align_corners=False)
+                      .argmax(1) for i in range(0, len(x), 64)])
+    return segmentation_metrics(pred, y)
 
 
 def pixel_features(batch, modality):

@@ -206,3 +206,38 @@ def test_probe_task_and_its_pixel_control(tmp_path):
         assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])
+
+
+def test_image_counts_add_up_to_the_confusion_matrix_miou():
+    """Summed over any set of images, the per-image counts give that set's mIoU, as the confusion matrix does."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 6, (12, 16, 16), generator=g)
+    label[0, :3] = 255
+    pred = torch.where(torch.rand(12, 16, 16, generator=g) < 0.6, label.clamp(max=5), torch.randint(0, 6, (12, 16, 16)))
+    counts = finetune.image_counts(pred, label)
+    assert counts.shape == (12, 3, finetune.NUM_CLASSES)
+    for images in (range(12), [0, 3, 3, 7]):
+        images = list(images)
+        want = finetune.segmentation_metrics(pred[images], label[images])["miou"]
+        assert abs(finetune.miou_of_counts(counts[images]).item() - want) < 1e-4
+
+
+def test_cell_labels_take_the_majority_of_the_labelled_pixels():
+    y = torch.tensor([[[1, 1, 2, 255], [1, 3, 2, 2], [255, 255, 4, 4], [255, 255, 4, 5]]])
+    assert finetune.cell_labels(y, (2, 2)).tolist() == [[[1, 2], [255, 4]]]
+
+
+def test_image_bootstrap_interval_of_a_miou_difference():
+    """Two runs on the same 40 images: the interval brackets the mIoU difference, is 0 for identical runs and lies
+    above 0 when one run is right on more pixels of every image."""
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 5, (40, 8, 8), generator=g)
+    noise = torch.randint(0, 5, (40, 8, 8), generator=g)
+    coin = torch.rand(40, 8, 8, generator=g)
+    good, bad = torch.where(coin < 0.8, label, noise), torch.where(coin < 0.5, label, noise)
+    a, b = finetune.image_counts(good, label), finetune.image_counts(bad, label)
+    d = experiments.image_bootstrap(a, b)
+    want = finetune.segmentation_metrics(good, label)["miou"] - finetune.segmentation_metrics(bad, label)["miou"]
+    assert abs(d["mean"] - want) < 1e-4 and 0 < d["lo"] < d["mean"] < d["hi"] and d["n"] == 40
+    same = experiments.image_bootstrap(a, a)
+    assert same["lo"] == same["hi"] == same["mean"] == 0.0
