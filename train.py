@@ -219,13 +219,12 @@ def model_config(cfg, stage, bank_size):
 
 
 def gather_all(t):
-    """Concatenate a tensor over ranks; float tensors keep their gradient to the rank that owns them."""
-    import torch.distributed.nn.functional as dist_nn
-    if t.is_floating_point():
-        return torch.cat(dist_nn.all_gather(t))
-    parts = [torch.empty_like(t, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.to(torch.int64))
-    return torch.cat(parts).to(t.dtype)
+    """Concatenate a tensor over ranks along dim 0; a float tensor's gradient flows back to the rank that owns
+    each part, summed over the ranks whose losses read it (torch.distributed.nn's all_gather did the same)."""
+    from torch.distributed import _functional_collectives as fc  # the API torch >= 2.13 points to
+    whole = fc.wait_tensor(fc.all_gather_single(t if t.is_floating_point() else t.to(torch.int64), 0,
+                                                dist.group.WORLD))  # int64: gloo gathers no bool
+    return whole.to(t.dtype)
 
 
 # -------------------------------------------------------------------------------------------------------- monitors
@@ -314,9 +313,11 @@ def for_device(model, cfg, device, rank, world):
             encoder.compile()
     if world == 1:
         return model, model
-    # the memory bank is kept identical on every rank by the gathered update, so buffers are not broadcast
+    # rank 0's buffers reach every rank once, at the wrapping; afterwards the memory bank stays identical on every
+    # rank through the gathered update, and each rank keeps the BatchNorm statistics of its own batches. A rank's
+    # batch can lack a modality, whose encoder then takes no part in the step (find_unused_parameters)
     return model, torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         find_unused_parameters=True)
 
 
@@ -397,6 +398,8 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     if lead:  # after the last update
         write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
     save(total, done=True)
+    if world > 1:
+        dist.barrier()  # the next stage starts from this file on every rank: none may read it before rank 0 wrote it
     if lead:
         plot_log(cfg.out)
     return path
