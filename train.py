@@ -9,8 +9,10 @@ starts from it and trains the whole hierarchy (Eq. 1).
 
 Every option has its preset's value unless given (Config, PRESETS); the resolved config is printed at the start.
 Outputs in --out: config.json (that config), stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG
-state, config; written atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run (Ctrl-C prints the
-command); a finished stage1.pt found in --out is reused by stage 2.
+state, config; written atomically), log.jsonl (one row per logged step) and loss.png. A finished stage file in
+--out is reused when the options that shape it are the same (stage 2's own options do not shape stage1.pt; those
+that only manage the run, RUN_OPTIONS, shape neither); a stage file made with other options stops the run, naming
+them, unless --overwrite discards it. --resume continues a killed run (Ctrl-C prints the command).
 """
 import argparse
 import json
@@ -21,7 +23,7 @@ import sys
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -80,6 +82,7 @@ class Config:
     heldout: int = 256  # held-out people the monitors embed
     out: str = "runs/hcmoco"
     resume: bool = False
+    overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     workers: int = 2
@@ -87,6 +90,12 @@ class Config:
     save_every: int = 100
     log_every: int = 10
 
+
+# What a stage file depends on: every option but these, which manage the run and leave the model as it is (a new
+# option shapes the stage files until it is listed here). Stage 1 also does not read STAGE2_OPTIONS.
+RUN_OPTIONS = ("stage", "out", "resume", "overwrite", "device", "workers", "compile", "eval_every", "heldout",
+               "log_every", "save_every")
+STAGE2_OPTIONS = ("targets", "lambda_dense", "lambda_sparse", "dense_points")
 
 PRESETS = {
     "cpu": Config(),
@@ -124,6 +133,10 @@ def parse_args(argv=None):
         (cfg.synthetic_samples >= 4,
          f"--synthetic-samples must be at least 4 (3/4 with depth, 1/4 without), got {cfg.synthetic_samples}"),
         (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues the stage files in --out, --overwrite discards "
+         "them: give one"),
+        (not cfg.resume or any(os.path.exists(stage_path(cfg.out, k)) for k in range(1, cfg.stage + 1)),
+         f"--resume: nothing to resume in {cfg.out} (no stage file); leave --resume out to start a new run"),
         cli.out_check(cfg.out)])
     return cfg
 
@@ -145,10 +158,59 @@ def heldout_batch(image_size, n):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
+def stage_path(out, stage):
+    return os.path.join(out, f"stage{stage}.pt")
+
+
 def load_stage(path, map_location="cpu"):
     """A checkpoint written by run_stage (CheckpointError if the file is not one)."""
     return load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
                            map_location)
+
+
+def changed_options(saved, cfg, stage):
+    """'--name old -> new' for each option that shapes stage `stage` (RUN_OPTIONS and, for stage 1,
+    STAGE2_OPTIONS aside) whose value in cfg differs from `saved`, the train config stored in a stage file."""
+    skip = RUN_OPTIONS + (STAGE2_OPTIONS if stage == 1 else ())
+    return [f"--{k.replace('_', '-')} {saved.get(k, '(not recorded)')} -> {v}" for k, v in asdict(cfg).items()
+            if k not in skip and saved.get(k, MISSING) != v]
+
+
+def plan(cfg):
+    """What pretrain does with each stage 1..cfg.stage: 'reuse' a finished stage file of the same shaping options,
+    'resume' an unfinished one (--resume), or 'train' from step 0; once a stage trains, every later stage file is
+    outdated. Stops with one line before it would reuse, continue or replace a stage file made with other options,
+    replace an unfinished one without --resume or --overwrite, or leave an outdated later one beside it."""
+    actions, outdated = [], False
+    for stage in (1, 2):  # stage2.pt too under --stage 1: a stage 1 trained again outdates it
+        path = stage_path(cfg.out, stage)
+        if stage > cfg.stage and not (outdated and os.path.exists(path)):
+            break
+        if not os.path.exists(path):
+            actions.append("train")
+            outdated = True
+            continue
+        ckpt = load_stage(path)
+        changed = changed_options(ckpt["config"]["train"], cfg, stage)
+        if changed or outdated:
+            why = (f"was trained with other options ({', '.join(changed)})" if changed
+                   else "started from the stage 1 that this run trains again")
+            if not cfg.overwrite:
+                keep = "give the same options to continue it, or " if cfg.resume and changed else ""
+                raise SystemExit(f"error: {path} {why}: {keep}give another --out, or --overwrite to discard it")
+            action = "train"
+        elif ckpt["done"]:
+            action = "reuse"
+        elif cfg.resume:
+            action = "resume"
+        elif cfg.overwrite:
+            action = "train"
+        else:
+            raise SystemExit(f"error: {path} is unfinished (step {ckpt['step']}): continue it with --resume, or "
+                             "train it again with --overwrite")
+        actions.append(action)
+        outdated = outdated or action != "reuse"
+    return actions
 
 
 def read_log(out):
@@ -282,7 +344,7 @@ def build_model(cfg, stage, bank_size, device, log):
     bank); stage 1 from --backbone-init when given (both HRNets from the same weights, as the published scripts)."""
     model = HCMoCo(model_config(cfg, stage, bank_size)).to(device)
     if stage == 2:
-        model.load_state_dict(load_stage(os.path.join(cfg.out, "stage1.pt"), device)["model"])
+        model.load_state_dict(load_stage(stage_path(cfg.out, 1), device)["model"])
     elif cfg.backbone_init:
         for m in ("rgb", "depth"):
             report = model.encoders[m].load_pretrained(cfg.backbone_init)
@@ -348,7 +410,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     """Train one stage; returns the path of its finished checkpoint."""
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
-    path = os.path.join(cfg.out, f"stage{stage}.pt")
+    path = stage_path(cfg.out, stage)
     total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
@@ -406,25 +468,31 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
 
 
 def pretrain(cfg, rank=0, world=1):
-    """Stages 1..cfg.stage of a complete Config (parse_args's): a finished stage file in cfg.out is reused; the
-    pre-training set is built (rendered, read) only when a stage has to train. Writes cfg.out/config.json; returns
-    the stage files' paths."""
+    """Stages 1..cfg.stage of a complete Config (parse_args's), as plan() decides: a stage file in cfg.out is
+    reused, continued or replaced only when its options allow it. The pre-training set is built (rendered, read)
+    only when a stage has to train. When one does, the stage files it replaces go first and cfg.out/config.json
+    describes the run, so that it always describes the stage files beside it. Returns the stage files' paths."""
     log = print if rank == 0 else (lambda *a: None)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:
+    actions = plan(cfg)
+    if world > 1:
+        dist.barrier()  # every rank has read the stage files before rank 0 removes any
+    if rank == 0 and set(actions) != {"reuse"}:
+        for stage, action in enumerate(actions, 1):
+            if action == "train" and os.path.exists(stage_path(cfg.out, stage)):
+                os.remove(stage_path(cfg.out, stage))
         cli.save_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
     paths, dataset = [], None
-    for stage in range(1, cfg.stage + 1):
-        path = os.path.join(cfg.out, f"stage{stage}.pt")
-        if os.path.exists(path) and load_stage(path)["done"]:
-            log(f"stage {stage}: reusing the finished {path}")
+    for stage, action in enumerate(actions[:cfg.stage], 1):
+        if action == "reuse":
+            log(f"stage {stage}: reusing the finished {stage_path(cfg.out, stage)}, made with the same options")
         else:
             if dataset is None:
                 dataset = build_dataset(cfg)
                 log(f"{cfg.data} data: {len(dataset)} samples")
             run_stage(cfg, stage, dataset, rank, world, log)
-        paths.append(path)
+        paths.append(stage_path(cfg.out, stage))
     return paths
 
 
@@ -438,8 +506,8 @@ def main(argv=None):
         if cfg.batch_size % world:
             raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if rank == 0:
-        print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (also in "
-              f"{os.path.join(cfg.out, 'config.json')}):\n" + textwrap.fill(
+        print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (written to "
+              f"{os.path.join(cfg.out, 'config.json')} when a stage trains):\n" + textwrap.fill(
                   " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
                   subsequent_indent="    "))
     try:
@@ -450,10 +518,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (save_atomic)
         if rank == 0:
-            again = argv if "--resume" in argv else [*argv, "--resume"]
             launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
-            print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
-                  f"    {launcher} {shlex.join(again)}", file=sys.stderr)
+            if any(os.path.exists(stage_path(cfg.out, k)) for k in range(1, cfg.stage + 1)):
+                again = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")] + ["--resume"]
+                print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
+                      f"    {launcher} {shlex.join(again)}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted before the first checkpoint: nothing to continue; start again with\n"
+                      f"    {launcher} {shlex.join(argv)}", file=sys.stderr)
         raise SystemExit(130)
     if world > 1:
         dist.destroy_process_group()

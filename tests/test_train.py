@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -35,27 +36,28 @@ def test_help_lists_the_options():
         assert option in out, option
 
 
-def test_two_stages_chain_and_log(tmp_path, capsys):
+def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     run(tmp_path, "--stage", "1", "--steps", "3", "--global-loss", "bank")
     s1 = weights(tmp_path / "stage1.pt")
     # a vanishing learning rate leaves stage 2's weights where stage 1 left them
-    run(tmp_path, "--stage", "2", "--steps", "2", "--lr", "1e-30", "--global-loss", "bank")
+    monkeypatch.setattr(train.cli, "cosine_lr", lambda *a, **kw: 1e-30)
+    run(tmp_path, "--stage", "2", "--steps", "3", "--global-loss", "bank")
     assert "reusing the finished" in capsys.readouterr().out
     s2 = weights(tmp_path / "stage2.pt")
     for k in ("encoders.rgb.conv1.weight", "encoders.keypoints.input.gconv.W", "global_mappers.depth.weight"):
         torch.testing.assert_close(s2[k], s1[k])
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     # a row per step, and the monitors before the first update and after the last one (step = total)
-    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     assert {"loss", "global", "dense", "sparse"} <= set(rows[-2]) and "dense" not in rows[0]
     monitors = {"retrieval", "cos_rgb", "cos_depth", "cos_keypoints", "dense_acc", "dense_acc_other",
                 "conv_norm_rgb", "conv_cos_rgb", "conv_norm_depth", "conv_cos_depth"}
-    assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 6)) and not monitors & set(rows[1])
+    assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 7)) and not monitors & set(rows[1])
     assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
-    assert rows[4]["conv_cos_depth"] == 1.0 and rows[6]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
+    assert rows[4]["conv_cos_depth"] == 1.0 and rows[7]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
     assert (tmp_path / "loss.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "stage2.pt", weights_only=True)
-    assert ckpt["done"] and ckpt["step"] == 2 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
+    assert ckpt["done"] and ckpt["step"] == 3 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
     assert "bank.bank_depth" in ckpt["model"] and "optimizer" in ckpt
     model = hcmoco.HCMoCo.from_checkpoint(tmp_path / "stage2.pt")
     torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
@@ -91,6 +93,79 @@ def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tm
         torch.testing.assert_close(a[k], b[k], msg=k)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]  # 4: the monitors after the last update
+
+
+def config(out):
+    return json.loads((out / "config.json").read_text())
+
+
+def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, capsys, monkeypatch):
+    """Stage 1 is shaped by every option but the run's management and stage 2's own; a stage file made with other
+    options is refused in one line naming them, unless --overwrite replaces it; config.json describes the stage
+    files beside it."""
+    a = run(tmp_path / "a", "--stage", "1", "--steps", "2")
+    s1 = weights(a / "stage1.pt")
+    # the experiment runner's pattern: stage 1 copied into another folder, stage 2 with other stage-2 options there
+    # (and other values of the options that only manage the run)
+    (tmp_path / "b").mkdir()
+    shutil.copy(a / "stage1.pt", tmp_path / "b" / "stage1.pt")
+    b = run(tmp_path / "b", "--stage", "2", "--steps", "2", "--targets", "global+hard", "--dense-points", "16",
+            "--eval-every", "5", "--log-every", "2", "--heldout", "4")
+    assert "stage 1: reusing the finished" in capsys.readouterr().out
+    torch.testing.assert_close(weights(b / "stage1.pt"), s1)
+    assert torch.load(b / "stage2.pt", weights_only=True)["done"] and config(b)["targets"] == "global+hard"
+    files = {p: p.read_bytes() for p in (b / "stage1.pt", b / "stage2.pt", b / "config.json", b / "log.jsonl")}
+    monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
+    for args, changed in ((["--targets", "global+soft"], "--targets global+hard -> global+soft"),
+                          (["--targets", "global+hard", "--lr", "0.1"], "--lr 0.003 -> 0.1"),
+                          (["--targets", "global+hard", "--width", "8"], "--width 4 -> 8")):
+        with pytest.raises(SystemExit) as e:
+            run(b, "--stage", "2", "--steps", "2", "--dense-points", "16", *args)
+        message = str(e.value.code)
+        stage = 2 if "targets" in changed else 1
+        assert message == (f"error: {b / f'stage{stage}.pt'} was trained with other options ({changed}): give another "
+                           "--out, or --overwrite to discard it")
+        assert {p: p.read_bytes() for p in files} == files
+    monkeypatch.undo()
+    run(b, "--stage", "2", "--steps", "2", "--targets", "global+hard", "--lr", "0.1", "--overwrite")
+    assert "reusing" not in capsys.readouterr().out
+    for stage in (1, 2):
+        ckpt = torch.load(b / f"stage{stage}.pt", weights_only=True)
+        assert ckpt["done"] and ckpt["config"]["train"]["lr"] == 0.1
+    assert config(b)["lr"] == 0.1 and config(b)["dense_points"] == 48
+    # a stage 1 trained again outdates the stage 2 beside it, even when this run stops at stage 1
+    with pytest.raises(SystemExit, match="stage1.pt was trained with other options \\(--lr 0.1 -> 0.003\\)"):
+        run(b, "--stage", "1", "--steps", "2")
+    run(b, "--stage", "1", "--steps", "2", "--overwrite")
+    assert not (b / "stage2.pt").exists() and config(b)["lr"] == 0.003
+    torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
+
+
+def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_options(tmp_path, capsys, monkeypatch):
+    out = run(tmp_path / "out", "--stage", "1", "--steps", "2")
+    ckpt = torch.load(out / "stage1.pt", weights_only=True)
+    torch.save(dict(ckpt, done=False, step=1), out / "stage1.pt")  # as a kill after step 1 leaves it
+    before = (out / "stage1.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--steps", "2")
+    assert str(e.value.code) == (f"error: {out / 'stage1.pt'} is unfinished (step 1): continue it with --resume, or "
+                                 "train it again with --overwrite")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--steps", "2", "--resume", "--lr", "0.1", "--batch-size", "2")
+    assert str(e.value.code) == (f"error: {out / 'stage1.pt'} was trained with other options (--batch-size 4 -> 2, "
+                                 "--lr 0.003 -> 0.1): give the same options to continue it, or give another --out, "
+                                 "or --overwrite to discard it")
+    assert ((out / "stage1.pt").read_bytes(), (out / "log.jsonl").read_bytes()) == before
+    capsys.readouterr()
+    for args, message in ((["--resume"], f"error: --resume: nothing to resume in {tmp_path / 'typo'} (no stage file)"),
+                          (["--resume", "--overwrite"], "error: --resume continues the stage files in --out")):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path / "typo", "--stage", "1", "--steps", "2", *args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.undo()
+    run(out, "--stage", "1", "--steps", "2", "--resume")
+    assert torch.load(out / "stage1.pt", weights_only=True)["done"]
 
 
 def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
