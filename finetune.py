@@ -19,8 +19,9 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
 Data: synthetic by default, labelled splits with their own seeds (train 100, test 200), disjoint from the
 pre-training samples (seeds 0 and 1 in train.py); `--ratio` keeps a uniformly spaced subset of the training set,
 as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
-Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), or an external
-HRNet state_dict (e.g. ImageNet weights).
+Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), a fine-tuned
+model.pt (its backbone), or an external HRNet state_dict (e.g. ImageNet weights); a file that does not fill the
+HRNet is refused.
 """
 import argparse
 import functools
@@ -40,7 +41,7 @@ import cli
 import data
 import synthetic
 from encoders import CheckpointError, back_project, load_checkpoint, merge_maps
-from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, hrnet_prefixes, person_depth
 
 NUM_CLASSES = 25
 KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv", "joints3d", "intrinsics", "present",
@@ -223,7 +224,7 @@ CONTRAST = {"global": TARGETS["global"], "full": TARGETS["global+soft+sparse"]}
 @dataclass
 class Config:
     task: Literal[tuple(TASKS)] = "rgb-parsing"
-    init: str = "scratch"  # scratch | a train.py checkpoint | an HRNet state_dict | pixels (the probes' control)
+    init: str = "scratch"  # scratch | a train.py stage file | a fine-tuned model.pt | an HRNet state_dict | pixels
     scratch_init: Literal["he", "official"] = "he"  # the HRNet init of a scratch backbone (official: std 0.001)
     ratio: float = 1.0
     subset: int = 0  # which labelled subset at --ratio: 0 uniformly spaced (the paper's), s > 0 random, seeded by s
@@ -281,23 +282,33 @@ def backbone_input(batch, modality):
 
 
 def load_backbone(init, modality, default_cfg):
-    """(backbone, report). scratch: a fresh HRNet of `default_cfg`; a train.py checkpoint: its
-    encoders.<modality> weights in an HRNet of the checkpoint's config; anything else: an external HRNet
-    state_dict through HRNet.load_pretrained."""
+    """(backbone, report). scratch: a fresh HRNet of `default_cfg`; otherwise the HRNet of `modality` that the file
+    holds, copied by HRNet.load_state (which refuses a file that does not fill it): a train.py checkpoint's
+    encoders.<modality> in an HRNet of the checkpoint's config, a fine-tuned model.pt's backbone (its architecture
+    read off its tensors), an external HRNet state_dict in an HRNet of `default_cfg`."""
     if init == "scratch":
         return build_hrnet(default_cfg), {}
-    ckpt = load_checkpoint(init, "a train.py checkpoint or an HRNet state_dict")
-    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
-        net = build_hrnet(HCMoCoConfig.from_dict(ckpt["config"]["model"]))
-        prefix = f"encoders.{modality}."
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        result = net.load_state_dict(state, strict=False)
-        report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-        print(f"loaded {len(state) - len(report['unexpected'])} {modality} backbone tensors from {init}; "
-              f"missing: {len(report['missing'])}")
-        return net, report
-    net = build_hrnet(default_cfg)
-    return net, net.load_pretrained(init)
+    ckpt = load_checkpoint(init, "a train.py checkpoint, a finetune.py model.pt or an HRNet state_dict")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    arch = default_cfg
+    if isinstance(config, dict) and "model" in config:  # a train.py stage file
+        arch = HCMoCoConfig.from_dict(config["model"])
+        if modality == "depth" and arch.depth_encoder != "hrnet":
+            raise CheckpointError(f"{init}: its depth encoder is a {arch.depth_encoder}, not an HRNet")
+    elif isinstance(config, dict) and "task" in config:  # a finetune.py model.pt
+        arch = finetuned_hrnet(init, ckpt["model"], modality)
+    net = build_hrnet(arch)
+    return net, net.load_state(ckpt, init, hrnet_prefixes(modality))
+
+
+def finetuned_hrnet(init, state, modality):
+    """The HCMoCoConfig of the HRNet of `modality` in a fine-tuned model's state: HRNet.small has a 32-channel stem
+    (the published HRNets 64), and the width of its first branch is the HRNet's width."""
+    prefix = next((p for p in hrnet_prefixes(modality) if f"{p}conv1.weight" in state), None)
+    if prefix is None:
+        raise CheckpointError(f"{init}: a finetune.py model without an HRNet {modality} backbone")
+    width = state[f"{prefix}transition1.0.0.weight"].shape[0]
+    return HCMoCoConfig(hrnet="small" if state[f"{prefix}conv1.weight"].shape[0] == 32 else f"w{width}", width=width)
 
 
 class Finetuner(nn.Module):
@@ -325,6 +336,9 @@ def contrast_model(cfg):
         model_cfg, state = scratch_config(cfg), None
     else:
         ckpt = load_checkpoint(cfg.init, "a train.py checkpoint", ("model", "config"))
+        if not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"]):  # e.g. a fine-tuned model.pt
+            raise CheckpointError(f"{cfg.init}: not a train.py checkpoint (no model config): {cfg.task} starts from "
+                                  "the whole pre-trained model of a stage file")
         model_cfg, state = HCMoCoConfig.from_dict(ckpt["config"]["model"]), ckpt["model"]
     model = HCMoCo(replace(model_cfg, **CONTRAST.get(contrast, {})))
     if state is not None:

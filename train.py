@@ -35,7 +35,7 @@ import cli
 import data
 import synthetic
 from encoders import CheckpointError, HRNet, load_checkpoint
-from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, hrnet_prefixes
 
 HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 STAGE_SEED = 1000  # stage k draws its batches and augmentations from seed + k * STAGE_SEED
@@ -60,7 +60,7 @@ class Config:
     hrnet: Literal["small", "w18", "w32", "w48"] = "small"
     width: int = 16  # of the small HRNet
     init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
-    backbone_init: str | None = None  # an official-format HRNet checkpoint for both HRNets (ImageNet weights)
+    backbone_init: str | None = None  # both HRNets' weights: an HRNet file (ImageNet), a stage file, a model.pt
     image_size: int = 64
     synthetic_samples: int = 4096
     cache: bool = True  # render the synthetic set once into memory
@@ -347,7 +347,7 @@ def build_model(cfg, stage, bank_size, device, log):
         model.load_state_dict(load_stage(stage_path(cfg.out, 1), device)["model"])
     elif cfg.backbone_init:
         for m in ("rgb", "depth"):
-            report = model.encoders[m].load_pretrained(cfg.backbone_init)
+            report = model.encoders[m].load_pretrained(cfg.backbone_init, hrnet_prefixes(m))
             log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))

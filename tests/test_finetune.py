@@ -2,6 +2,7 @@
 and cross-modal training never touches the target modality's labelled images."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -85,7 +86,7 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     state = torch.load(checkpoint, weights_only=True)["model"]
     torch.testing.assert_close(net.stage4[0].branches[3][0].conv1.weight,
                                state["encoders.depth.stage4.0.branches.3.0.conv1.weight"])
-    assert report == {"missing": [], "unexpected": []} and net.out_channels[0] == 4
+    assert report == {"missing": [], "unexpected": [], "mismatched": []} and net.out_channels[0] == 4
     assert "loaded" in capsys.readouterr().out
     # an external state_dict with a missing tensor is reported
     partial = {k[len("encoders.rgb."):]: v for k, v in state.items() if k.startswith("encoders.rgb.")}
@@ -94,6 +95,46 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     torch.save(partial, path)
     net, report = finetune.load_backbone(str(path), "rgb", finetune.HCMoCoConfig(width=4))
     assert report["missing"] == ["conv1.weight"]
+
+
+def test_init_takes_a_fine_tuned_model_and_its_backbone_goes_on(checkpoint, tmp_path):
+    """A fine-tuned model.pt is a checkpoint the project writes: as --init its backbone is the starting point,
+    architecture and all; cross-modal, which needs the whole pre-trained model, says so in one line."""
+    first = tmp_path / "first"
+    finetune.main(["--task", "depth-parsing", "--init", str(checkpoint), "--out", str(first), *TINY])
+    tuned = torch.load(first / "model.pt", weights_only=True)["model"]
+    net, report = finetune.load_backbone(str(first / "model.pt"), "depth", finetune.scratch_config(finetune.Config()))
+    assert net.out_channels[0] == 4 and report["missing"] == [] and report["unexpected"] == []
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, tuned[f"backbone.{k}"], msg=k)
+    m = finetune.main(["--task", "rgb-parsing", "--init", str(first / "model.pt"), "--out", str(tmp_path / "again"),
+                       *TINY])
+    assert "miou" in m
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", "cross-modal", "--init", str(first / "model.pt"), "--out", str(tmp_path / "x"), *TINY])
+    assert str(e.value.code) == (f"error: {first / 'model.pt'}: not a train.py checkpoint (no model config): "
+                                 "cross-modal starts from the whole pre-trained model of a stage file")
+
+
+@pytest.mark.parametrize("state", ["foreign", "prefixed", "narrower"])
+def test_an_init_that_does_not_fill_the_backbone_is_one_line(checkpoint, tmp_path, state, capsys):
+    """Matched by name and shape or not at all: a file whose keys do not match (BatchNorm step counts aside) or whose
+    tensors have other shapes is refused before any training, naming a key it has and one the HRNet expects."""
+    rgb = {k[len("encoders.rgb."):]: v for k, v in torch.load(checkpoint, weights_only=True)["model"].items()
+           if k.startswith("encoders.rgb.")}
+    path = tmp_path / "init.pth"
+    torch.save({"foreign": {"foo": torch.ones(3)}, "prefixed": {f"net.{k}": v for k, v in rgb.items()},
+                "narrower": rgb}[state], path)
+    with pytest.raises(SystemExit) as e:  # the default backbone is width 16; the checkpoint's is width 4
+        finetune.main(["--task", "rgb-parsing", "--init", str(path), "--out", str(tmp_path / "out"), *TINY])
+    message = str(e.value.code)
+    expected = {"foreign": "the file has 'foo', the HRNet expects 'conv1.weight'",
+                "prefixed": "the file has 'net.conv1.weight', the HRNet expects 'conv1.weight'",
+                "narrower": r"the file's '[\w.]+' is \[4, [\d, ]+\], the HRNet's \[16, "}[state]
+    pattern = expected if state == "narrower" else re.escape(expected)
+    assert message.startswith(f"error: {path}: ") and re.search(pattern, message) and "prefix" in message
+    assert "\n" not in message and "tensors loaded" not in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 @pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
@@ -140,8 +181,8 @@ def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "finetune.py", "--init", str(bad), "--out", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {bad}: not a train.py checkpoint or an HRNet state_dict "
-                                                  "(not a PyTorch file of tensors and plain containers)"]
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: not a train.py checkpoint, a finetune.py model.pt or an "
+                                                  "HRNet state_dict (not a PyTorch file of tensors and plain containers)"]
 
 
 @pytest.mark.parametrize("source,target", [("rgb", "depth"), ("depth", "rgb")])

@@ -330,6 +330,25 @@ def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, c
         train.parse_args(["--backbone-init", str(tmp_path / "missing.pth")])
 
 
+def test_backbone_init_takes_a_stage_file_and_refuses_a_file_that_does_not_fill_the_hrnets(tmp_path):
+    """A stage file gives each HRNet its own modality's encoder; a file matching nothing is one line, not a run from
+    random weights."""
+    a = run(tmp_path / "a", "--stage", "1", "--steps", "1")
+    s1 = weights(a / "stage1.pt")
+    run(tmp_path / "b", "--stage", "1", "--steps", "1", "--lr", "1e-30", "--backbone-init", str(a / "stage1.pt"))
+    b = weights(tmp_path / "b" / "stage1.pt")
+    for m in ("rgb", "depth"):
+        for k in ("conv1.weight", "stage4.0.branches.3.0.conv2.weight"):
+            torch.testing.assert_close(b[f"encoders.{m}.{k}"], s1[f"encoders.{m}.{k}"])
+    assert not torch.equal(s1["encoders.rgb.conv1.weight"], s1["encoders.depth.conv1.weight"])
+    torch.save({"foo": torch.ones(3)}, tmp_path / "foo.pth")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "c", "--stage", "1", "--steps", "1", "--backbone-init", str(tmp_path / "foo.pth"))
+    assert re.fullmatch(f"error: {re.escape(str(tmp_path / 'foo.pth'))}: 0 of the HRNet's \\d+ weight tensors match .*"
+                        "the file has 'foo', the HRNet expects 'conv1.weight'.*prefix.*", str(e.value.code))
+    assert not (tmp_path / "c" / "stage1.pt").exists()
+
+
 class CodeModel(torch.nn.Module):
     """A stand-in for HCMoCo whose embeddings are given: what the monitors should read from them is known."""
 
