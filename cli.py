@@ -54,13 +54,23 @@ def image_size_check(size):
 
 
 def out_check(out):
-    """(ok, message) for --out: a folder that exists or can be made, and written; found now, not at the first save."""
+    """(ok, message) for --out: a folder that holds the results. It is made now (with its parents) and a probe file
+    written in it and removed, so that a folder that cannot be made or written stops the run before any work, not
+    at its first save. Check it after the other options: it creates the folder."""
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return False, f"--out {out}: {existing} is a file, not a folder"
-    return os.access(existing, os.W_OK | os.X_OK), f"--out {out}: {existing} is not writable"
+    probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per process: torchrun's ranks check at once
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return False, f"--out {out}: cannot make it or write in it ({e.strerror or e})"
+    return True, ""
 
 
 def pick_device(name):

@@ -53,7 +53,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_options(parser, Options)
     opts = Options(**vars(parser.parse_args(argv)))
-    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}"), cli.out_check(opts.out)])
+    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}")])
+    cli.check(parser, [cli.out_check(opts.out)])  # last: it makes the folder
     return opts
 
 

@@ -266,7 +266,8 @@ def parse_args(argv=None):
         (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
         (not probe or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio {cfg.ratio} leaves {labelled} "
          "labelled image(s); the probe needs at least 2"),
-        cli.image_size_check(cfg.image_size), cli.out_check(cfg.out)])
+        cli.image_size_check(cfg.image_size)])
+    cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
 
 

@@ -136,8 +136,8 @@ def parse_args(argv=None):
         (not (cfg.resume and cfg.overwrite), "--resume continues the stage files in --out, --overwrite discards "
          "them: give one"),
         (not cfg.resume or any(os.path.exists(stage_path(cfg.out, k)) for k in range(1, cfg.stage + 1)),
-         f"--resume: nothing to resume in {cfg.out} (no stage file); leave --resume out to start a new run"),
-        cli.out_check(cfg.out)])
+         f"--resume: nothing to resume in {cfg.out} (no stage file); leave --resume out to start a new run")])
+    cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
 
 

@@ -152,7 +152,7 @@ def test_an_init_that_is_not_a_checkpoint_is_one_line_and_runs_no_code(tmp_path,
 @pytest.mark.parametrize("args", [["--batch-size", "0"], ["--lr", "-1"], ["--steps", "0"], ["--image-size", "32"],
                                   ["--train-samples", "0"], ["--test-samples", "-1"], ["--weight-decay", "-0.1"],
                                   ["--task", "rgb-probe", "--train-samples", "1"], ["--out", "{file}"],
-                                  ["--out", "{file}/run"]])
+                                  ["--out", "{file}/run"], ["--out", "/proc/hcmoco-out"]])
 def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeypatch, args):
     file = tmp_path / "file"
     file.write_text("keep")
@@ -169,7 +169,7 @@ def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeyp
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("keep")
     monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start
-    for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")]):
+    for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")], ["--out", "/proc/hcmoco-out"]):
         with pytest.raises(SystemExit) as e:
             finetune.main(["experiments", "--quick", "--out", str(tmp_path / "out"), *args])
         assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err

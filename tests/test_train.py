@@ -262,6 +262,11 @@ def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, m
             run(out, "--steps", "1")
         assert e.value.code == 2 and f"error: --out {out}: {file} is a file" in capsys.readouterr().err
     assert file.read_text() == "keep"
+    # a folder that cannot be made (root may write to /proc, but not make folders there): found before any work
+    with pytest.raises(SystemExit) as e:
+        run("/proc/hcmoco-out", "--steps", "1")
+    assert e.value.code == 2 and ("error: --out /proc/hcmoco-out: cannot make it or write in it (" in
+                                  capsys.readouterr().err)
 
 
 def test_torchrun_two_processes_gloo_trains_both_stages_without_warnings(tmp_path):
