@@ -73,6 +73,12 @@ def out_check(out):
     return True, ""
 
 
+def device_check(name):
+    """(ok, message) for --device: cuda only where torch sees a GPU."""
+    return (name != "cuda" or torch.cuda.is_available(),
+            "--device cuda: torch sees no GPU (torch.cuda.is_available() is False); give --device cpu or auto")
+
+
 def pick_device(name):
     """--device auto | cpu | cuda -> 'cuda' or 'cpu' (auto: cuda when there is a GPU)."""
     return "cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu"

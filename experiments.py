@@ -238,10 +238,15 @@ def results_markdown(s):
 
 
 def main(argv=None):
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        experiments(parse_args(sys.argv[1:] if argv is None else argv))
+        experiments(opts)
     except CheckpointError as e:  # a stage file in --out
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the finished runs and stages are whole on disk
+        print(f"\ninterrupted; the same command continues where it stopped (finished runs in {opts.out} are kept, an "
+              "unfinished pre-training stage resumes)", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

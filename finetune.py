@@ -254,6 +254,9 @@ def parse_args(argv=None):
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
     cli.check(parser, [
+        cli.device_check(cfg.device),
+        *[(os.path.isdir(getattr(cfg, r)), f"--{r.replace('_', '-')} {getattr(cfg, r)}: not a folder")
+          for r in ("h36m_root", "ntu_parsing_root") if getattr(cfg, r)],
         (0 < cfg.ratio <= 1, "--ratio must be in (0, 1]"),
         (cfg.init in ("scratch", "pixels") or os.path.exists(cfg.init),
          f"--init: {cfg.init} not found (give 'scratch' or a checkpoint)"),
@@ -407,7 +410,13 @@ def datasets(cfg):
     for option, reader in TASKS[cfg.task].real:
         root = getattr(cfg, option)
         if root:
-            return reader(root, "train"), reader(root, "test")
+            try:
+                sets = reader(root, "train"), reader(root, "test")
+            except (OSError, ValueError) as e:  # a missing split list, a malformed line
+                raise SystemExit(f"error: --{option.replace('_', '-')} {root}: {' '.join(str(e).split())}") from e
+            if not all(len(s) for s in sets):
+                raise SystemExit(f"error: --{option.replace('_', '-')} {root}: a split lists no image")
+            return sets
     return (labelled_people(cfg.train_samples, cfg.image_size, TRAIN_SEED),
             labelled_people(cfg.test_samples, cfg.image_size, TEST_SEED))
 
@@ -663,10 +672,15 @@ def main(argv=None):
     if argv[:1] == ["experiments"]:
         import experiments  # here: experiments.py imports this module
         return experiments.main(argv[1:])
+    cfg = parse_args(argv)
     try:
-        return run(parse_args(argv))
+        return run(cfg)
     except CheckpointError as e:  # --init
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C
+        print(f"\ninterrupted: nothing of this run is saved (model.pt and metrics.json are written at its end, in "
+              f"{cfg.out}); run the command again to start over", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

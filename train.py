@@ -113,6 +113,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_options(parser, Config, defaults=False)
     given = vars(parser.parse_args(argv))
+    cli.check(parser, [cli.device_check(given.get("device", "auto"))])  # before the device picks the preset
     device = cli.pick_device(given.pop("device", "auto"))
     preset = given.pop("preset", "auto")
     preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)

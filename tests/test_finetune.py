@@ -166,6 +166,47 @@ def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layout,message", [
+    (None, "--ntu-parsing-root {root}: not a folder"),
+    ({}, "error: --ntu-parsing-root {root}: {root}/train.txt not found; expected layout: <root>/{{split}}.txt"),
+    ({"train.txt": "a.png b.png\n", "test.txt": ""}, "error: --ntu-parsing-root {root}: {root}/train.txt:1: expected 3 "
+                                                      "paths, got 2"),
+    ({"train.txt": "", "test.txt": ""}, "error: --ntu-parsing-root {root}: a split lists no image")])
+def test_a_missing_or_malformed_dataset_root_is_one_line(tmp_path, capsys, layout, message):
+    root = tmp_path / "ntu"
+    if layout is not None:
+        root.mkdir()
+        for name, text in layout.items():
+            (root / name).write_text(text)
+    message = message.format(root=root)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", "depth-parsing", "--ntu-parsing-root", str(root), "--out", str(tmp_path / "o"), *TINY])
+    if layout is None:
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    else:
+        assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code)
+
+
+def test_device_cuda_without_a_gpu_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--device", "cuda", "--out", str(tmp_path / "gpu"), *TINY])
+    assert e.value.code == 2 and "error: --device cuda: torch sees no GPU" in capsys.readouterr().err
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "fit", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--out", str(tmp_path / "out"), *TINY])
+    assert e.value.code == 130 and not (tmp_path / "out" / "metrics.json").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: nothing of this run is saved")
+    monkeypatch.setattr(experiments, "experiments", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["experiments", "--out", str(tmp_path / "exp")])
+    assert e.value.code == 130 and "the same command continues where it stopped" in capsys.readouterr().err
+
+
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("keep")
     monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start

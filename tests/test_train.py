@@ -253,6 +253,15 @@ def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_device_cuda_without_a_gpu_is_a_usage_error_before_a_preset_is_chosen(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "replace", None)  # no preset may be chosen for it
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "error: --device cuda: torch sees no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "run_stage", None)  # nothing may start
     file = tmp_path / "file"
