@@ -248,12 +248,26 @@ class Config:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_options(parser, Config)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    probe = TASKS[cfg.task].kind == "probe"
+    cli.add_options(parser, Config, defaults=False)
+    given = vars(parser.parse_args(argv))
+    cfg = Config(**given)
+    task = TASKS[cfg.task]
+    probe = task.kind == "probe"
+    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in ("h36m_root", "ntu_parsing_root")}
+    unread = {  # option: (the run would ignore it, why)
+        "source": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "target": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "contrast": (task.kind != "versatile", "only --task cross-modal and missing-modal read it"),
+        "scratch_init": (cfg.init != "scratch", "only --init scratch reads it"),
+        "lr": (probe, f"the probes choose their learning rate among {', '.join(map(str, PROBE_LRS))} on held-out "
+                      "labels"),
+        "weight_decay": (probe, "the probes do not read it (theirs is 1e-4)"),
+        **{r: (cfg.task not in tasks, f"--task {cfg.task} does not read it (--task {' / '.join(tasks)} does)")
+           for r, tasks in readers.items()}}
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
     cli.check(parser, [
+        *[(not ignored, f"--{k.replace('_', '-')}: {why}") for k, (ignored, why) in unread.items() if k in given],
         cli.device_check(cfg.device),
         *[(os.path.isdir(getattr(cfg, r)), f"--{r.replace('_', '-')} {getattr(cfg, r)}: not a folder")
           for r in ("h36m_root", "ntu_parsing_root") if getattr(cfg, r)],

@@ -121,6 +121,8 @@ def parse_args(argv=None):
     roots = {"synthetic": (), "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
     cli.check(parser, [
         *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
+        *[(getattr(cfg, r) is None, f"--{r.replace('_', '-')}: --data {cfg.data} does not read it")
+          for r in ("ntu_root", "mpii_root", "coco_root") if r not in roots[cfg.data]],
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
         *cli.positive(cfg, ("epochs", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau", "eval_every",
                             "save_every", "log_every")),
@@ -407,12 +409,26 @@ def start_log(out, stage, start):
     return write_row
 
 
+def stage_steps(cfg, n):
+    """The steps of a stage on a pre-training set of n samples: --steps, or --epochs passes over it."""
+    return cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+def run_warnings(cfg, n):
+    """What would make a run on n pre-training samples train other than its options suggest."""
+    total = stage_steps(cfg, n)
+    return ([f"a stage has {total} steps, fewer than --warmup {cfg.warmup}: the learning rate never leaves the "
+             "warm-up"] if total < cfg.warmup else []) + \
+        ([f"{n} pre-training samples, fewer than --batch-size {cfg.batch_size}: a batch holds people more than once, "
+          "each then its own negative"] if n < cfg.batch_size else [])
+
+
 def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     """Train one stage; returns the path of its finished checkpoint."""
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     path = stage_path(cfg.out, stage)
-    total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    total = stage_steps(cfg, len(dataset))
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = resume(path, model, optimizer, device) if cfg.resume else 0
@@ -492,6 +508,8 @@ def pretrain(cfg, rank=0, world=1):
             if dataset is None:
                 dataset = build_dataset(cfg)
                 log(f"{cfg.data} data: {len(dataset)} samples")
+                for warning in run_warnings(cfg, len(dataset)):
+                    log(f"warning: {warning}")
             run_stage(cfg, stage, dataset, rank, world, log)
         paths.append(stage_path(cfg.out, stage))
     return paths

@@ -207,6 +207,26 @@ def test_device_cuda_without_a_gpu_and_ctrl_c_are_one_line(tmp_path, capsys, mon
     assert e.value.code == 130 and "the same command continues where it stopped" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--task", "rgb-parsing", "--source", "depth"], "--source: only --task cross-modal reads it"),
+    (["--task", "missing-modal", "--target", "rgb"], "--target: only --task cross-modal reads it"),
+    (["--task", "rgb-probe", "--lr", "0.1"], "--lr: the probes choose their learning rate among"),
+    (["--task", "depth-probe", "--weight-decay", "0"], "--weight-decay: the probes do not read it"),
+    (["--task", "depth-parsing", "--contrast", "full"], "--contrast: only --task cross-modal and missing-modal"),
+    (["--task", "depth-parsing", "--init", "{ckpt}", "--scratch-init", "official"],
+     "--scratch-init: only --init scratch reads it"),
+    (["--task", "depth-parsing", "--h36m-root", "{root}"], "--h36m-root: --task depth-parsing does not read it "
+                                                           "(--task rgb-parsing does)"),
+    (["--task", "depth-pose", "--ntu-parsing-root", "{root}"], "--ntu-parsing-root: --task depth-pose does not read")])
+def test_an_option_the_task_would_ignore_is_a_usage_error(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(finetune, "run", None)  # nothing may start
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    args = [a.format(ckpt=tmp_path / "ckpt.pt", root=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("keep")
     monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start

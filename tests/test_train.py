@@ -262,6 +262,23 @@ def test_device_cuda_without_a_gpu_is_a_usage_error_before_a_preset_is_chosen(tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--mpii-root", "m"], "--mpii-root: --data synthetic does not read it"),
+    (["--data", "ntu+mpii", "--ntu-root", "n", "--mpii-root", "m", "--coco-root", "c"],
+     "--coco-root: --data ntu+mpii does not read it")])
+def test_a_dataset_root_the_data_does_not_read_is_a_usage_error(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_run_that_trains_other_than_its_options_suggest_is_warned_of(tmp_path, capsys):
+    run(tmp_path, "--stage", "1", "--steps", "1", "--warmup", "5", "--synthetic-samples", "4", "--batch-size", "8")
+    out = capsys.readouterr().out
+    assert "warning: a stage has 1 steps, fewer than --warmup 5: the learning rate never leaves the warm-up" in out
+    assert "warning: 4 pre-training samples, fewer than --batch-size 8: a batch holds people more than once" in out
+
+
 def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "run_stage", None)  # nothing may start
     file = tmp_path / "file"
