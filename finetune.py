@@ -231,7 +231,7 @@ class Config:
     source: Literal["rgb", "depth"] = "rgb"  # cross-modal
     target: Literal["rgb", "depth"] = "depth"  # cross-modal
     contrast: Literal["auto", "none", "global", "full"] = "auto"  # cross/missing-modal: the targets that keep training
-    out: str = "runs/finetune"
+    out: str | None = None  # default runs/finetune/<task>/<init>: default_out
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
@@ -251,6 +251,7 @@ def parse_args(argv=None):
     cli.add_options(parser, Config, defaults=False)
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
+    cfg = replace(cfg, out=cfg.out or default_out(cfg))
     task = TASKS[cfg.task]
     probe = task.kind == "probe"
     readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in ("h36m_root", "ntu_parsing_root")}
@@ -286,6 +287,18 @@ def parse_args(argv=None):
         cli.image_size_check(cfg.image_size)])
     cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
+
+
+def default_out(cfg):
+    """runs/finetune/<task>/<init>, so that runs of other tasks and inits do not overwrite each other: the task
+    (cross-modal with its direction), the init (scratch, pixels, or the checkpoint's folder and name:
+    runs/hcmoco/stage2.pt -> hcmoco-stage2) and a label ratio below 1."""
+    task = f"{cfg.task}-{cfg.source}-to-{cfg.target}" if cfg.task == "cross-modal" else cfg.task
+    init = cfg.init
+    if init not in ("scratch", "pixels"):
+        folder, name = os.path.split(os.path.normpath(init))
+        init = "-".join(filter(None, (os.path.basename(folder), os.path.splitext(name)[0])))
+    return os.path.join("runs", "finetune", task, init + (f"-ratio{cfg.ratio:g}" if cfg.ratio < 1 else ""))
 
 
 # ------------------------------------------------------------------------------------------------------- models

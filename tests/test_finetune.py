@@ -1,5 +1,6 @@
 """finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
 and cross-modal training never touches the target modality's labelled images."""
+import argparse
 import json
 import os
 import re
@@ -225,6 +226,20 @@ def test_an_option_the_task_would_ignore_is_a_usage_error(tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:
         finetune.main([*args, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_the_readme_fine_tuning_commands_write_to_folders_of_their_own():
+    """By default a run writes into a folder named after its task and init: the README's commands one after the
+    other do not overwrite each other's model.pt and metrics.json."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    commands = [line.split("#")[0].split()[2:] for line in readme.splitlines()
+                if line.startswith("python finetune.py --task")]
+    parser = argparse.ArgumentParser()
+    finetune.cli.add_options(parser, finetune.Config, defaults=False)
+    outs = [finetune.default_out(finetune.Config(**vars(parser.parse_args(c)))) for c in commands]
+    assert len(commands) >= 6 and len(set(outs)) == len(outs)
+    assert all(o.startswith(os.path.join("runs", "finetune", c[1], "")) or c[1] == "cross-modal" for o, c in
+               zip(outs, commands))
 
 
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
