@@ -68,7 +68,7 @@ def experiments(opts):
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
     base = replace(base, device=cli.pick_device(base.device))
-    run_jobs([("train", replace(base, stage=1, out=first))], 1)
+    run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (the CMC model)")
     stage2 = []
     for name, targets in LADDER.items():
         out = os.path.join(pre, name)
@@ -76,7 +76,7 @@ def experiments(opts):
         if out != first and not os.path.exists(os.path.join(out, "stage1.pt")):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
         stage2.append(("train", replace(base, stage=2, targets=targets, out=out)))
-    run_jobs(stage2, opts.jobs)
+    run_jobs(stage2, opts.jobs, "pre-training stage 2, one per row of Table 3")
     inits = {"scratch": "scratch", "CMC": os.path.join(first, "stage1.pt"),
              "HCMoCo": os.path.join(pre, "full", "stage2.pt")}
     same_init = train.load_stage(inits["CMC"])["config"]["model"]["init"]
@@ -113,7 +113,7 @@ def experiments(opts):
             job(f"cross-modal/{source}-to-{target}/{arm}/seed{seeds[0]}", task="cross-modal", init=init,
                 source=source, target=target, contrast=contrast, seed=seeds[0])
         job(f"missing-modal/{arm}/seed{seeds[0]}", task="missing-modal", init=init, contrast=contrast, seed=seeds[0])
-    run_jobs(jobs, opts.jobs)
+    run_jobs(jobs, opts.jobs, f"fine-tuning and probes ({len(keys) - len(jobs)} of {len(keys)} runs already done)")
     runs = {}
     for key in keys:
         with open(os.path.join(opts.out, key, "metrics.json")) as f:
@@ -127,13 +127,15 @@ def experiments(opts):
     print(table)
 
 
-def run_jobs(jobs, n):
+def run_jobs(jobs, n, what):
     """Run ('train' | 'finetune', Config) jobs, n at a time in fresh processes that share the cores (their
-    progress bars off when n > 1); a line per finished job."""
+    progress bars off when n > 1); a line saying `what` they are, and a [k/N] line per finished job."""
     threads = max(1, (os.cpu_count() or 1) // n)
+    print(f"{what}: {len(jobs)} job(s), {min(n, len(jobs))} at a time", flush=True)
     if n == 1:
-        for job in jobs:
-            run_job(job, threads, quiet=False)
+        for k, (kind, cfg) in enumerate(jobs, 1):
+            run_job((kind, cfg), threads, quiet=False)
+            print(f"[{k}/{len(jobs)}] {kind} {cfg.out}", flush=True)
         return
     with multiprocessing.get_context("spawn").Pool(n) as pool:
         for k, (kind, cfg) in enumerate(pool.imap_unordered(functools.partial(run_job, threads=threads, quiet=True),

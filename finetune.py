@@ -25,9 +25,9 @@ HRNet is refused.
 """
 import argparse
 import functools
-import json
 import os
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, NamedTuple
 
@@ -581,14 +581,33 @@ def save_finetuned(model, metrics, cfg):
 
 
 def write_metrics(metrics, cfg):
-    """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table. Written
-    through a temporary file and a rename: the experiment runner takes a run with a metrics.json as done."""
+    """cfg.out/metrics.json (the metrics and the run's config), and one line: the task, the init, the metrics with
+    their units (metrics_text) and what was written. Written through a temporary file and a rename: the
+    experiment runner takes a run with a metrics.json as done."""
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "metrics.json")
     cli.save_json(dict(metrics, config=asdict(cfg)), path)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
-                      if k not in ("iou", "sweep")}))
+    written = path + (", model.pt" if os.path.exists(os.path.join(cfg.out, "model.pt")) else "")
+    print(f"{cfg.task} from {cfg.init}: {metrics_text(metrics)}; wrote {written}")
     return metrics
+
+
+# a metric's name (the end of a versatility task's view_name keys) -> (label, unit)
+METRIC_LABELS = {"miou": ("mIoU", " %"), "macc": ("mAcc", " %"), "aacc": ("aAcc", " %"), "acc10cm": ("acc@10cm", " %"),
+                 "mpjpe_cm": ("MPJPE", " cm"), "part_acc": ("part accuracy", " %"), "uv_acc": ("uv accuracy", " %"),
+                 "gps": ("GPS", " %"), "train_images": ("labelled training images", ""), "lr": ("probe lr", "")}
+
+
+def metrics_text(metrics):
+    """'mIoU 14.52 %, mAcc 20.10 %, ...' of a run's metrics (the per-class table and the probe's sweep aside)."""
+    parts = []
+    for k, v in metrics.items():
+        name = next((n for n in METRIC_LABELS if k == n or k.endswith(f"_{n}")), None)
+        if name is not None:
+            label, unit = METRIC_LABELS[name]
+            view = k[:-len(name)].rstrip("_").replace("_", " ")
+            parts.append(f"{view + ' ' if view else ''}{label} {f'{v:.2f}' if isinstance(v, float) else v}{unit}")
+    return ", ".join(parts)
 
 
 def load_finetuned(out, map_location="cpu"):
@@ -687,8 +706,10 @@ def run_probe(cfg, device):
     train_set, test_set = labelled_split(cfg)
     x, y = probe_inputs(features, train_set, cfg, device)
     n_val = max(1, len(x) // 5)
-    sweep = {lr: probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
-             for lr in PROBE_LRS}
+    sweep = {}
+    for k, lr in enumerate(PROBE_LRS, 1):
+        sweep[lr] = probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
+        print(f"[{k}/{len(PROBE_LRS)}] probe at lr {lr:g}: held-out mIoU {sweep[lr]:.2f} % ({n_val} images)")
     lr = max(sweep, key=sweep.get)
     metrics = probe_miou(fit_probe(x, y, lr, cfg.steps, cfg.seed), *probe_inputs(features, test_set, cfg, device))
     return dict(metrics, lr=lr, sweep={str(k): round(v, 2) for k, v in sweep.items()})
@@ -700,6 +721,10 @@ def main(argv=None):
         import experiments  # here: experiments.py imports this module
         return experiments.main(argv[1:])
     cfg = parse_args(argv)
+    print(f"{cfg.task} from {cfg.init} on {cli.pick_device(cfg.device)}; the resolved config (also in "
+          f"{os.path.join(cfg.out, 'metrics.json')} at the end):\n" + textwrap.fill(
+              " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
+              subsequent_indent="    "))
     try:
         return run(cfg)
     except CheckpointError as e:  # --init

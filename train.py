@@ -342,6 +342,14 @@ def monitors(model, batch, initial, points=32):
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def monitor_line(m, people):
+    """The headline monitors of a log row in words."""
+    return (f"held-out RGB -> depth top-1 {100 * m['retrieval']:.1f} % among {people} people (chance "
+            f"{100 / people:.1f} %), global cosine between people {m['cos_rgb']:.2f} (1 = collapsed), dense matching "
+            f"{100 * m['dense_acc']:.0f} % vs {100 * m['dense_acc_other']:.0f} % with another person's depth (the "
+            "positional control)")
+
+
 def build_model(cfg, stage, bank_size, device, log):
     """The stage's model and optimiser: stage 2 starts from stage 1's finished weights (encoders, mappers, memory
     bank); stage 1 from --backbone-init when given (both HRNets from the same weights, as the published scripts)."""
@@ -475,7 +483,9 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
             if (step + 1) % cfg.save_every == 0 and step + 1 < total:
                 save(step + 1, done=False)
     if lead:  # after the last update
-        write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
+        final = monitors(model, heldout, initial)
+        write_row(dict(step=total, time=round(time.time() - t0, 2), **final))
+        log(f"stage {stage} done after {total} steps: {monitor_line(final, cfg.heldout)}")
     save(total, done=True)
     if world > 1:
         dist.barrier()  # the next stage starts from this file on every rank: none may read it before rank 0 wrote it

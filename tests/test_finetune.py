@@ -60,8 +60,16 @@ def test_ratio_keeps_a_uniformly_spaced_subset(ratio, expected):
 
 
 @pytest.mark.parametrize("task", ["rgb-parsing", "depth-parsing", "depth-pose", "dense-pose"])
-def test_each_head_trains_and_reports_its_metrics(task, tmp_path):
+def test_each_head_trains_and_reports_its_metrics(task, tmp_path, capsys):
     m = finetune.main(["--task", task, "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{task} from scratch on cpu; the resolved config (also in {tmp_path / 'metrics.json'} at the end):"
+    assert f"task={task} init=scratch" in out[1]
+    labels = {"rgb-parsing": f"mIoU {m.get('miou', 0):.2f} %, mAcc", "depth-parsing": f"mIoU {m.get('miou', 0):.2f} %",
+              "depth-pose": f"acc@10cm {m.get('acc10cm', 0):.2f} %, MPJPE {m.get('mpjpe_cm', 0):.2f} cm",
+              "dense-pose": f"part accuracy {m.get('part_acc', 0):.2f} %, uv accuracy"}[task]
+    assert out[-1].startswith(f"{task} from scratch: {labels}") and out[-1].endswith(
+        f", labelled training images 8; wrote {tmp_path / 'metrics.json'}, model.pt")
     keys = {"rgb-parsing": {"miou", "macc", "aacc", "iou"}, "depth-parsing": {"miou", "macc", "aacc", "iou"},
             "depth-pose": {"acc10cm", "mpjpe_cm"}, "dense-pose": {"part_acc", "uv_acc", "gps"}}[task]
     assert keys <= set(m) and m["train_images"] == 8
@@ -251,6 +259,14 @@ def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err
 
 
+def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "run_job", lambda job, threads, quiet: job)
+    jobs = [("finetune", finetune.Config(out="a")), ("finetune", finetune.Config(out="b"))]
+    experiments.run_jobs(jobs, 1, "fine-tuning")
+    assert capsys.readouterr().out.splitlines() == ["fine-tuning: 2 job(s), 1 at a time", "[1/2] finetune a",
+                                                    "[2/2] finetune b"]
+
+
 def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
     bad = tmp_path / "init.pt"
     write_bad_checkpoint(bad, "garbage")
@@ -317,9 +333,14 @@ def test_probe_reads_what_the_features_linearly_hold():
     assert good["miou"] > 60 and bad["miou"] < 15
 
 
-def test_probe_task_and_its_pixel_control(tmp_path):
+def test_probe_task_and_its_pixel_control(tmp_path, capsys):
     for init in ("scratch", "pixels"):
         m = finetune.main(["--task", "depth-probe", "--init", init, "--out", str(tmp_path / init), *TINY])
         assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
+        out = capsys.readouterr().out.splitlines()
+        assert [line.split(" ")[0] for line in out if line.startswith("[")] == ["[1/7]", "[2/7]", "[3/7]", "[4/7]",
+                                                                              "[5/7]", "[6/7]", "[7/7]"]
+        assert out[-1].startswith(f"depth-probe from {init}: mIoU {m['miou']:.2f} %") and "probe lr" in out[-1]
+        assert out[-1].endswith(f"wrote {tmp_path / init / 'metrics.json'}")  # a probe saves no model
     with pytest.raises(SystemExit):
         finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])

@@ -42,7 +42,8 @@ def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     # a vanishing learning rate leaves stage 2's weights where stage 1 left them
     monkeypatch.setattr(train.cli, "cosine_lr", lambda *a, **kw: 1e-30)
     run(tmp_path, "--stage", "2", "--steps", "3", "--global-loss", "bank")
-    assert "reusing the finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reusing the finished" in out
     s2 = weights(tmp_path / "stage2.pt")
     for k in ("encoders.rgb.conv1.weight", "encoders.keypoints.input.gconv.W", "global_mappers.depth.weight"):
         torch.testing.assert_close(s2[k], s1[k])
@@ -55,6 +56,12 @@ def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 7)) and not monitors & set(rows[1])
     assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
     assert rows[4]["conv_cos_depth"] == 1.0 and rows[7]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
+    # each stage ends with a line of its monitors, those of the log's last row
+    for stage, r in ((1, rows[3]), (2, rows[7])):
+        assert (f"stage {stage} done after 3 steps: held-out RGB -> depth top-1 {100 * r['retrieval']:.1f} % among 8 "
+                f"people (chance 12.5 %), global cosine between people {r['cos_rgb']:.2f} (1 = collapsed), dense "
+                f"matching {100 * r['dense_acc']:.0f} % vs {100 * r['dense_acc_other']:.0f} % with another person's "
+                "depth (the positional control)") in out.splitlines()
     assert (tmp_path / "loss.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "stage2.pt", weights_only=True)
     assert ckpt["done"] and ckpt["step"] == 3 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
