@@ -43,7 +43,7 @@ QUICK_FINETUNE = dict(steps=3, train_samples=16, test_samples=8, image_size=48)
 
 @dataclass
 class Options:
-    out: str = "runs/experiments"
+    out: str = "runs/experiments"  # the runs' folder: a folder per run, results.json, results.md
     quick: bool = False  # a few steps of everything (smoke test)
     jobs: int = 2  # runs at once, each on cores / jobs threads
 

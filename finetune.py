@@ -16,9 +16,9 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
                                  targets keep training on unlabelled pairs; tested on the target modality (Sec. 3.5)
     missing-modal                the head trains on the max-pooled RGB + depth dense embeddings; tested on each alone
 
-Data: synthetic by default, labelled splits with their own seeds (train 100, test 200), disjoint from the
-pre-training samples (seeds 0 and 1 in train.py); `--ratio` keeps a uniformly spaced subset of the training set,
-as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
+Data: synthetic by default, a labelled training set (--train-samples people) and a test set (--test-samples), each
+rendered from its own seed and disjoint from the pre-training samples; `--ratio` keeps a uniformly spaced subset
+of the training set, as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
 Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), a fine-tuned
 model.pt (its backbone), or an external HRNet state_dict (e.g. ImageNet weights); a file that does not fill the
 HRNet is refused.
@@ -223,27 +223,27 @@ CONTRAST = {"global": TARGETS["global"], "full": TARGETS["global+soft+sparse"]}
 # -------------------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    task: Literal[tuple(TASKS)] = "rgb-parsing"
+    task: Literal[tuple(TASKS)] = "rgb-parsing"  # what the head learns (the tasks above)
     init: str = "scratch"  # scratch | a train.py stage file | a fine-tuned model.pt | an HRNet state_dict | pixels
     scratch_init: Literal["he", "official"] = "he"  # the HRNet init of a scratch backbone (official: std 0.001)
-    ratio: float = 1.0
+    ratio: float = 1.0  # the share of the labelled training images that trains, in (0, 1]
     subset: int = 0  # which labelled subset at --ratio: 0 uniformly spaced (the paper's), s > 0 random, seeded by s
-    source: Literal["rgb", "depth"] = "rgb"  # cross-modal
-    target: Literal["rgb", "depth"] = "depth"  # cross-modal
+    source: Literal["rgb", "depth"] = "rgb"  # cross-modal: the modality the head trains on
+    target: Literal["rgb", "depth"] = "depth"  # cross-modal: the modality it is tested on
     contrast: Literal["auto", "none", "global", "full"] = "auto"  # cross/missing-modal: the targets that keep training
-    out: str | None = None  # default runs/finetune/<task>/<init>: default_out
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    image_size: int = 96
-    train_samples: int = 400
+    out: str | None = None  # the run's folder (default: runs/finetune/<task>/<init>)
+    steps: int = 300  # fine-tuning steps (a probe: the steps of each of its fits)
+    batch_size: int = 8  # images per step
+    lr: float = 1e-3  # AdamW's peak learning rate, on a cosine to 0
+    weight_decay: float = 1e-4  # AdamW's
+    image_size: int = 96  # pixels, square
+    train_samples: int = 400  # labelled synthetic training people, before --ratio
     test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
-    h36m_root: str = ""
-    ntu_parsing_root: str = ""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    workers: int = 2
+    h36m_root: str = ""  # Human3.6M parsing's folder: rgb-parsing reads it instead of synthetic people
+    ntu_parsing_root: str = ""  # NTURGBD-Parsing-4K's folder: parsing and cross/missing-modal read it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
+    seed: int = 0  # of the head's initialisation, the batches and the augmentations
+    workers: int = 2  # data-loading processes
 
 
 def parse_args(argv=None):

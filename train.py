@@ -1,4 +1,4 @@
-"""HCMoCo pre-training, two stages as published: stage 1 trains the sample-level target alone (Eq. 2), stage 2
+r"""HCMoCo pre-training, two stages as published: stage 1 trains the sample-level target alone (Eq. 2), stage 2
 starts from it and trains the whole hierarchy (Eq. 1).
 
     python train.py --stage 2                      # both stages, synthetic data, CPU preset without a GPU
@@ -50,45 +50,45 @@ class Config:
     batch 64 (more samples per second), 4 epochs per stage; 48 dense points: a person covers 25-60 cells of the
     16 x 16 grid, drawn with replacement."""
     stage: Literal[1, 2] = 2  # train up to this stage
-    preset: Literal["auto", "cpu", "paper"] = "cpu"  # --preset auto (the default): paper on a GPU, cpu otherwise
-    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"
-    ntu_root: str | None = None
-    mpii_root: str | None = None
-    coco_root: str | None = None
+    preset: Literal["auto", "cpu", "paper"] = "cpu"  # the other options' defaults; auto: paper on a GPU, else cpu
+    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"  # rendered people, or NTU RGB+D + MPII / COCO
+    ntu_root: str | None = None  # NTU RGB+D's folder (data.NTURGBD)
+    mpii_root: str | None = None  # MPII's folder (data.MPII)
+    coco_root: str | None = None  # COCO's folder (data.COCOKeypoints)
     targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
-    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
-    hrnet: Literal["small", "w18", "w32", "w48"] = "small"
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # the HRNets: the small CPU one, or a published width
     width: int = 16  # of the small HRNet
     init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
     backbone_init: str | None = None  # both HRNets' weights: an HRNet file (ImageNet), a stage file, a model.pt
-    image_size: int = 64
-    synthetic_samples: int = 4096
+    image_size: int = 64  # pixels, square
+    synthetic_samples: int = 4096  # people rendered for --data synthetic, 3/4 with depth
     cache: bool = True  # render the synthetic set once into memory
-    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives
+    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives: the memory bank, or the batch
     num_negatives: int = 256  # drawn from the memory bank
     momentum: float = 0.5  # of the memory bank
     dense_points: int = 48  # per image
-    tau: float = 0.1
-    lambda_global: float = 1.0  # Eq. 1
-    lambda_dense: float = 1.0
-    lambda_sparse: float = 1.0
+    tau: float = 0.1  # the temperature of the contrastive terms
+    lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
+    lambda_dense: float = 1.0  # Eq. 1's weight of the dense term
+    lambda_sparse: float = 1.0  # Eq. 1's weight of the sparse term
     epochs: int = 4  # per stage
     steps: int | None = None  # per stage, instead of epochs (smoke runs)
     batch_size: int = 64  # global, over all ranks
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 3e-3
+    optimizer: Literal["sgd", "adamw"] = "adamw"  # SGD with momentum 0.9 (published) or AdamW; weight decay 1e-4
+    lr: float = 3e-3  # the peak learning rate of each stage, on a cosine to 0
     warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
     eval_every: int = 64  # steps between held-out monitors
     heldout: int = 256  # held-out people the monitors embed
-    out: str = "runs/hcmoco"
-    resume: bool = False
-    overwrite: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    workers: int = 2
-    compile: bool = False
-    save_every: int = 100
-    log_every: int = 10
+    out: str = "runs/hcmoco"  # the run's folder: config.json, stage1.pt, stage2.pt, log.jsonl, loss.png
+    resume: bool = False  # continue the unfinished stage in --out where it stopped
+    overwrite: bool = False  # discard the stage files in --out made with other options, or unfinished, and retrain
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
+    seed: int = 0  # of the initialisation, the batches and the augmentations
+    workers: int = 2  # data-loading processes
+    compile: bool = False  # torch.compile the encoders
+    save_every: int = 100  # steps between checkpoints
+    log_every: int = 10  # steps between rows of log.jsonl
 
 
 # What a stage file depends on: every option but these, which manage the run and leave the model as it is (a new
@@ -108,10 +108,16 @@ PRESETS = {
 }
 
 
+def preset_defaults():
+    """--help's default of each option: its value in both presets, or the value of each."""
+    cpu, paper = asdict(PRESETS["cpu"]), asdict(PRESETS["paper"])
+    return {k: v if v == paper[k] else f"{v}, paper preset {paper[k]}" for k, v in cpu.items()} | {"preset": "auto"}
+
+
 def parse_args(argv=None):
     """The run's complete Config: the preset's values, replaced by the options given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_options(parser, Config, defaults=False)
+    cli.add_options(parser, Config, defaults=False, shown=preset_defaults())
     given = vars(parser.parse_args(argv))
     cli.check(parser, [cli.device_check(given.get("device", "auto"))])  # before the device picks the preset
     device = cli.pick_device(given.pop("device", "auto"))

@@ -1,6 +1,7 @@
 """finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
 and cross-modal training never touches the target modality's labelled images."""
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -234,6 +235,17 @@ def test_an_option_the_task_would_ignore_is_a_usage_error(tmp_path, capsys, monk
     with pytest.raises(SystemExit) as e:
         finetune.main([*args, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_help_gives_each_option_its_meaning_and_its_default():
+    out = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    words = " ".join(out.split())
+    assert set(finetune.cli.field_comments(finetune.Config)) == {f.name for f in dataclasses.fields(finetune.Config)}
+    for line in ("--train-samples TRAIN_SAMPLES labelled synthetic training people, before --ratio (default: 400)",
+                 "--test-samples TEST_SAMPLES the fixed held-out test set (TEST_SEED) (default: 500)",
+                 "--out OUT the run's folder (default: runs/finetune/<task>/<init>)"):
+        assert line in words, line
+    assert "train 100" not in words and "test 200" not in words  # the seeds, once read as the sizes
 
 
 def test_the_readme_fine_tuning_commands_write_to_folders_of_their_own():

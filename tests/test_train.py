@@ -1,4 +1,5 @@
 """train.py: the CLI, stage chaining, exact resume, the NaN guard, bad roots, and a 2-process torchrun run."""
+import dataclasses
 import errno
 import json
 import os
@@ -29,11 +30,20 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_help_lists_the_options():
+def test_help_lists_the_options_with_their_meaning_and_defaults():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for option in ("--stage", "--preset", "--data", "--targets", "--epochs", "--steps", "--batch-size", "--lr", "--out",
                    "--resume", "--device", "--seed", "--workers"):
         assert option in out, option
+    assert set(train.cli.field_comments(train.Config)) == {f.name for f in dataclasses.fields(train.Config)}
+    words = " ".join(out.split())
+    for line in ("--lr LR the peak learning rate of each stage, on a cosine to 0 (default: 0.003, paper preset 0.03)",
+                 "--preset {auto,cpu,paper} the other options' defaults; auto: paper on a GPU, else cpu (default: auto)",
+                 "--heldout HELDOUT held-out people the monitors embed (default: 256)"):
+        assert line in words, line
+    lines = out.splitlines()  # the torchrun example keeps its two lines
+    k = next(i for i, line in enumerate(lines) if line.startswith("    torchrun --nproc_per_node 8 train.py"))
+    assert lines[k].endswith("\\") and lines[k + 1].startswith("        --backbone-init ")
 
 
 def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
