@@ -185,6 +185,20 @@ def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_opti
     assert torch.load(out / "stage1.pt", weights_only=True)["done"]
 
 
+def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path, monkeypatch, capsys):
+    """--resume would find nothing to continue: the printed command starts the run again instead."""
+    def ctrl_c(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--stage", "1", "--steps", "4")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and lines[-2] == "interrupted before the first checkpoint: nothing to continue; start " \
+                                                "again with"
+    assert shlex.split(lines[-1])[:2] == ["python", "train.py"] and "--resume" not in lines[-1]
+
+
 def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 0, "loss": 5.0}\n\n{"stage": 1, "step": 1, "lo')
     with pytest.warns(UserWarning, match="log.jsonl, line 3: not a whole JSON row"):
