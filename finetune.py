@@ -18,7 +18,8 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
 
 Data: synthetic by default, a labelled training set (--train-samples people) and a test set (--test-samples), each
 rendered from its own seed and disjoint from the pre-training samples; `--ratio` keeps a uniformly spaced subset
-of the training set, as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
+of the training set, as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real
+datasets.
 Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), a fine-tuned
 model.pt (its backbone), or an external HRNet state_dict (e.g. ImageNet weights); a file that does not fill the
 HRNet is refused.
