@@ -1,9 +1,13 @@
 """What the scripts (train.py, finetune.py, experiments.py) share: command-line options from a config dataclass,
 checks that name the option and its value, the device, the learning-rate schedule and atomic file writes."""
 import argparse
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -16,10 +20,13 @@ import torch
 MIN_IMAGE_SIZE = 33
 
 
-def add_options(parser, config, defaults=True):
+def add_options(parser, config, defaults=True, shown=None):
     """One --option per field of the dataclass `config` (underscores as dashes), of the field's type: a Literal's
-    values are its choices, `T | None` reads a T, a bool is --x / --no-x. With defaults=False an option not given
-    is absent from the parsed namespace, so that a preset can fill it."""
+    values are its choices, `T | None` reads a T, a bool is --x / --no-x. Its help is the `# comment` after the
+    field in the dataclass's source, and its default: shown[name] when given (e.g. the presets' values), else the
+    field's (None and "" are not shown). With defaults=False an option not given is absent from the parsed namespace, so
+    that a preset can fill it."""
+    comments = field_comments(config)
     for f in fields(config):
         name = "--" + f.name.replace("_", "-")
         kind = f.type
@@ -27,12 +34,29 @@ def add_options(parser, config, defaults=True):
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
         default = f.default if defaults and f.default is not MISSING else argparse.SUPPRESS
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
+            action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
         elif typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)
-            parser.add_argument(name, type=type(choices[0]), choices=choices, default=default)
+            action = parser.add_argument(name, type=type(choices[0]), choices=choices, default=default)
         else:
-            parser.add_argument(name, type=kind, default=default)
+            action = parser.add_argument(name, type=kind, default=default)
+        value = (shown or {}).get(f.name, f.default)
+        default_text = "" if value in (None, "") or value is MISSING else f"(default: {value})"
+        # set after add_argument: a BooleanOptionalAction would append a default of its own
+        action.help = " ".join(filter(None, (comments.get(f.name, ""), default_text))).replace("%", "%%")
+
+
+def field_comments(config):
+    """{field: the text of the `# comment` that ends its line} in the source of the dataclass `config`, read with
+    tokenize (a '#' inside a string is no comment)."""
+    source = textwrap.dedent(inspect.getsource(config))
+    first, comments = {}, {}  # line -> its first name; field -> comment
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME:
+            first.setdefault(tok.start[0], tok.string)
+        elif tok.type == tokenize.COMMENT and tok.start[0] in first:
+            comments[first[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return {f.name: comments[f.name] for f in fields(config) if f.name in comments}
 
 
 def check(parser, checks):
@@ -54,13 +78,29 @@ def image_size_check(size):
 
 
 def out_check(out):
-    """(ok, message) for --out: a folder that exists or can be made, and written; found now, not at the first save."""
+    """(ok, message) for --out: a folder that holds the results. It is made now (with its parents) and a probe file
+    written in it and removed, so that a folder that cannot be made or written stops the run before any work, not
+    at its first save. Check it after the other options: it creates the folder."""
     existing = os.path.abspath(out)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return False, f"--out {out}: {existing} is a file, not a folder"
-    return os.access(existing, os.W_OK | os.X_OK), f"--out {out}: {existing} is not writable"
+    probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per process: torchrun's ranks check at once
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return False, f"--out {out}: cannot make it or write in it ({e.strerror or e})"
+    return True, ""
+
+
+def device_check(name):
+    """(ok, message) for --device: cuda only where torch sees a GPU."""
+    return (name != "cuda" or torch.cuda.is_available(),
+            "--device cuda: torch sees no GPU (torch.cuda.is_available() is False); give --device cpu or auto")
 
 
 def pick_device(name):

@@ -192,29 +192,49 @@ class HRNet(nn.Module):
             xs = getattr(self, f"stage{k}")(xs)
         return xs  # [B, w, H/4, W/4], [B, 2w, H/8, W/8], [B, 4w, H/16, W/16], [B, 8w, H/32, W/32]
 
-    def load_pretrained(self, path):
-        """Load an official HRNet checkpoint (e.g. hrnetv2_w18_imagenet_pretrained.pth) with strict=False.
+    def load_pretrained(self, path, prefixes=("backbone.",)):
+        """Load an HRNet checkpoint (e.g. the official hrnetv2_w18_imagenet_pretrained.pth): load_state of the file."""
+        return self.load_state(load_checkpoint(path, "an HRNet state_dict"), path, prefixes)
 
-        Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' / 'backbone.' prefixes.
-        Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Returns and prints the report
-        {'missing': [...], 'unexpected': [...], 'mismatched': [...]}. Any other file raises CheckpointError."""
-        expected = "an HRNet state_dict"
-        state = load_checkpoint(path, expected)
+    def load_state(self, ckpt, source, prefixes=("backbone.",), min_share=0.9):
+        """Copy the tensors of a checkpoint that match this HRNet's by name and shape; `source` names it in messages.
+
+        Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' prefixes; when keys start
+        with one of `prefixes` (the first found), the HRNet is the keys under it, the rest of a larger model left
+        aside. Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Fewer than `min_share` of
+        this HRNet's weight tensors (num_batches_tracked aside) copied raises CheckpointError, one line naming an
+        unmatched key of the file and an expected one. Returns and prints the report {'missing': [...],
+        'unexpected': [...], 'mismatched': [...]}: this HRNet's tensors left as they were, the file's tensors
+        that are not this HRNet's, and those of another shape."""
+        state = ckpt
         for key in ("state_dict", "model"):
             state = state.get(key, state) if isinstance(state, dict) else state
         if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-            raise CheckpointError(f"{path}: not {expected} (no dict of tensors, bare or under 'state_dict' / 'model')")
+            raise CheckpointError(
+                f"{source}: not an HRNet state_dict (no dict of tensors, bare or under 'state_dict' / 'model')")
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         own = self.state_dict()
-        clean = {}
-        for k, v in state.items():
-            for prefix in ("module.", "backbone."):
-                k = k[len(prefix):] if k.startswith(prefix) else k
-            clean[k] = v
-        mismatched = [k for k, v in clean.items() if k in own and own[k].shape != v.shape]
-        result = self.load_state_dict({k: v for k, v in clean.items() if k not in mismatched}, strict=False)
-        report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
-                  "mismatched": mismatched}
-        print(f"HRNet.load_pretrained({path}): {len(own) - len(report['missing'])}/{len(own)} tensors loaded, "
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        copied = [k for k in state if k in own and k not in mismatched]
+        weights = [k for k in own if not k.endswith("num_batches_tracked")]  # a step count, not a weight
+        missing = [k for k in weights if k not in copied]
+        report = {"missing": missing, "unexpected": [k for k in state if k not in own], "mismatched": mismatched}
+        if len(weights) - len(missing) < min_share * len(weights):
+            if mismatched:
+                k = mismatched[0]
+                example = f"the file's {k!r} is {list(state[k].shape)}, the HRNet's {list(own[k].shape)}"
+            else:
+                other = next((k for k in state if k not in own), None)
+                example = (f"the file has {prefix + other!r}, " if other else "") + f"the HRNet expects {missing[0]!r}"
+            raise CheckpointError(
+                f"{source}: {len(weights) - len(missing)} of the HRNet's {len(weights)} weight tensors match by name "
+                f"and shape ({example}): another architecture, or keys under a prefix other than "
+                f"{', '.join(map(repr, ('module.', *prefixes)))}?")
+        self.load_state_dict({k: state[k] for k in copied}, strict=False)
+        print(f"HRNet.load_pretrained({source}{f', under {prefix!r}' if prefix else ''}): "
+              f"{len(weights) - len(missing)}/{len(weights)} weight tensors loaded, "
               + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
         return report
 

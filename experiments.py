@@ -2,6 +2,7 @@
 stage or a run with a metrics.json is not redone).
 
     python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
+    python finetune.py experiments --out runs/experiments ...     # the same
 
 Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it; the
 whole pre-training again with two more seeds (the noise floor); with --backbone-init, once more from those weights
@@ -52,7 +53,7 @@ QUICK_FINETUNE = dict(steps=3, train_samples=16, test_samples=8, image_size=48)
 
 @dataclass
 class Options:
-    out: str = "runs/experiments"
+    out: str = "runs/experiments"  # the runs' folder: a folder per run, results.json, results.md
     quick: bool = False  # a few steps of everything (smoke test)
     jobs: int = 2  # runs at once, each on cores / jobs threads
     backbone_init: str | None = None  # ImageNet HRNet weights: adds the Ours* arm (pre-training from them)
@@ -63,9 +64,10 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_options(parser, Options)
     opts = Options(**vars(parser.parse_args(argv)))
-    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}"), cli.out_check(opts.out),
+    cli.check(parser, [(opts.jobs >= 1, f"--jobs must be positive, got {opts.jobs}"),
                        (opts.backbone_init is None or os.path.isfile(opts.backbone_init),
                         f"--backbone-init: {opts.backbone_init} not found")])
+    cli.check(parser, [cli.out_check(opts.out)])  # last: it makes the folder
     return opts
 
 
@@ -99,7 +101,7 @@ def pretraining(opts, quick):
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
     base = replace(base, device=cli.pick_device(base.device))
-    run_jobs([("train", replace(base, stage=1, out=first))], 1)
+    run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (the CMC model)")
     jobs, ckpts = [], {"CMC": os.path.join(first, "stage1.pt")}
     for name, targets in LADDER.items():
         out = os.path.join(pre, name)
@@ -116,7 +118,7 @@ def pretraining(opts, quick):
         out = os.path.join(pre, "full-imagenet")
         jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
         ckpts["imagenet"] = os.path.join(out, "stage2.pt")
-    run_jobs(jobs, opts.jobs)
+    run_jobs(jobs, opts.jobs, "pre-training stage 2: a Table 3 row each, the noise-floor seeds")
     ckpts["HCMoCo"] = ckpts["full"]
     return ckpts
 
@@ -170,7 +172,7 @@ def experiments(opts):
     sizes = QUICK_FINETUNE if quick else {}
     jobs = [("finetune", finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0))
             for run, config in runs.items() if not os.path.exists(os.path.join(opts.out, run.folder, "metrics.json"))]
-    run_jobs(jobs, opts.jobs)
+    run_jobs(jobs, opts.jobs, f"fine-tuning and probes ({len(runs) - len(jobs)} of {len(runs)} runs already done)")
     measured = {run: read_run(os.path.join(opts.out, run.folder)) for run in runs}
     summary = summarise(measured, QUICK_FINETUNE["steps"] if quick else finetune.Config.steps)
     cli.save_json(dict(runs=[dict(asdict(run), folder=run.folder, metrics=m["metrics"]) for run, m in measured.items()],
@@ -190,13 +192,15 @@ def read_run(folder):
     return dict(metrics=metrics, counts=torch.load(path, weights_only=True) if os.path.exists(path) else None)
 
 
-def run_jobs(jobs, n):
+def run_jobs(jobs, n, what):
     """Run ('train' | 'finetune', Config) jobs, n at a time in fresh processes that share the cores (their
-    progress bars off when n > 1); a line per finished job."""
+    progress bars off when n > 1); a line saying `what` they are, and a [k/N] line per finished job."""
     threads = max(1, (os.cpu_count() or 1) // n)
+    print(f"{what}: {len(jobs)} job(s), {min(n, len(jobs))} at a time", flush=True)
     if n == 1:
-        for job in jobs:
-            run_job(job, threads, quiet=False)
+        for k, (kind, cfg) in enumerate(jobs, 1):
+            run_job((kind, cfg), threads, quiet=False)
+            print(f"[{k}/{len(jobs)}] {kind} {cfg.out}", flush=True)
         return
     with multiprocessing.get_context("spawn").Pool(n) as pool:
         for k, (kind, cfg) in enumerate(pool.imap_unordered(functools.partial(run_job, threads=threads, quiet=True),
@@ -360,10 +364,15 @@ def results_markdown(s):
 
 
 def main(argv=None):
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        experiments(parse_args(sys.argv[1:] if argv is None else argv))
+        experiments(opts)
     except CheckpointError as e:  # a stage file in --out
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the finished runs and stages are whole on disk
+        print(f"\ninterrupted; the same command continues where it stopped (finished runs in {opts.out} are kept, an "
+              "unfinished pre-training stage resumes)", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,19 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
                                  targets keep training on unlabelled pairs; tested on the target modality (Sec. 3.5)
     missing-modal                the head trains on the max-pooled RGB + depth dense embeddings; tested on each alone
 
-Data: synthetic by default, labelled splits with their own seeds (train 100, test 200), disjoint from the
-pre-training samples (seeds 0 and 1 in train.py); `--ratio` keeps a uniformly spaced subset of the training set,
-as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
-Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), or an external
-HRNet state_dict (e.g. ImageNet weights).
+Data: synthetic by default, a labelled training set (--train-samples people) and a test set (--test-samples), each
+rendered from its own seed and disjoint from the pre-training samples; `--ratio` keeps a uniformly spaced subset
+of the training set, as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real
+datasets.
+Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), a fine-tuned
+model.pt (its backbone), or an external HRNet state_dict (e.g. ImageNet weights); a file that does not fill the
+HRNet is refused.
 """
 import argparse
 import functools
-import json
 import os
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, NamedTuple
 
@@ -40,7 +42,7 @@ import cli
 import data
 import synthetic
 from encoders import CheckpointError, back_project, load_checkpoint, merge_maps
-from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, hrnet_prefixes, person_depth
 
 NUM_CLASSES = 25
 KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv", "joints3d", "intrinsics", "present",
@@ -243,37 +245,55 @@ CONTRAST = {"global": TARGETS["global"], "full": TARGETS["global+soft+sparse"]}
 # -------------------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    task: Literal[tuple(TASKS)] = "rgb-parsing"
-    init: str = "scratch"  # scratch | a train.py checkpoint | an HRNet state_dict | pixels (the probes' control)
+    task: Literal[tuple(TASKS)] = "rgb-parsing"  # what the head learns (the tasks above)
+    init: str = "scratch"  # scratch | a train.py stage file | a fine-tuned model.pt | an HRNet state_dict | pixels
     scratch_init: Literal["he", "official"] = "he"  # the HRNet init of a scratch backbone (official: std 0.001)
-    ratio: float = 1.0
+    ratio: float = 1.0  # the share of the labelled training images that trains, in (0, 1]
     subset: int = 0  # which labelled subset at --ratio: 0 uniformly spaced (the paper's), s > 0 random, seeded by s
-    source: Literal["rgb", "depth"] = "rgb"  # cross-modal
-    target: Literal["rgb", "depth"] = "depth"  # cross-modal
+    source: Literal["rgb", "depth"] = "rgb"  # cross-modal: the modality the head trains on
+    target: Literal["rgb", "depth"] = "depth"  # cross-modal: the modality it is tested on
     contrast: Literal["auto", "none", "global", "full"] = "auto"  # cross/missing-modal: the targets that keep training
-    out: str = "runs/finetune"
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    image_size: int = 96
-    train_samples: int = 400
+    out: str | None = None  # the run's folder (default: runs/finetune/<task>/<init>)
+    steps: int = 300  # fine-tuning steps (a probe: the steps of each of its fits)
+    batch_size: int = 8  # images per step
+    lr: float = 1e-3  # AdamW's peak learning rate, on a cosine to 0
+    weight_decay: float = 1e-4  # AdamW's
+    image_size: int = 96  # pixels, square
+    train_samples: int = 400  # labelled synthetic training people, before --ratio
     test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
-    h36m_root: str = ""
-    ntu_parsing_root: str = ""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    workers: int = 2
+    h36m_root: str = ""  # Human3.6M parsing's folder: rgb-parsing reads it instead of synthetic people
+    ntu_parsing_root: str = ""  # NTURGBD-Parsing-4K's folder: parsing and cross/missing-modal read it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
+    seed: int = 0  # of the head's initialisation, the batches and the augmentations
+    workers: int = 2  # data-loading processes
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_options(parser, Config)
-    cfg = Config(**vars(parser.parse_args(argv)))
-    probe = TASKS[cfg.task].kind == "probe"
+    cli.add_options(parser, Config, defaults=False)
+    given = vars(parser.parse_args(argv))
+    cfg = Config(**given)
+    cfg = replace(cfg, out=cfg.out or default_out(cfg))
+    task = TASKS[cfg.task]
+    probe = task.kind == "probe"
+    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in ("h36m_root", "ntu_parsing_root")}
+    unread = {  # option: (the run would ignore it, why)
+        "source": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "target": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "contrast": (task.kind != "versatile", "only --task cross-modal and missing-modal read it"),
+        "scratch_init": (cfg.init != "scratch", "only --init scratch reads it"),
+        "lr": (probe, f"the probes choose their learning rate among {', '.join(map(str, PROBE_LRS))} on held-out "
+                      "labels"),
+        "weight_decay": (probe, "the probes do not read it (theirs is 1e-4)"),
+        **{r: (cfg.task not in tasks, f"--task {cfg.task} does not read it (--task {' / '.join(tasks)} does)")
+           for r, tasks in readers.items()}}
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
     cli.check(parser, [
+        *[(not ignored, f"--{k.replace('_', '-')}: {why}") for k, (ignored, why) in unread.items() if k in given],
+        cli.device_check(cfg.device),
+        *[(os.path.isdir(getattr(cfg, r)), f"--{r.replace('_', '-')} {getattr(cfg, r)}: not a folder")
+          for r in ("h36m_root", "ntu_parsing_root") if getattr(cfg, r)],
         (0 < cfg.ratio <= 1, "--ratio must be in (0, 1]"),
         (cfg.init in ("scratch", "pixels") or os.path.exists(cfg.init),
          f"--init: {cfg.init} not found (give 'scratch' or a checkpoint)"),
@@ -286,8 +306,21 @@ def parse_args(argv=None):
         (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
         (not probe or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio {cfg.ratio} leaves {labelled} "
          "labelled image(s); the probe needs at least 2"),
-        cli.image_size_check(cfg.image_size), cli.out_check(cfg.out)])
+        cli.image_size_check(cfg.image_size)])
+    cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
+
+
+def default_out(cfg):
+    """runs/finetune/<task>/<init>, so that runs of other tasks and inits do not overwrite each other: the task
+    (cross-modal with its direction), the init (scratch, pixels, or the checkpoint's folder and name:
+    runs/hcmoco/stage2.pt -> hcmoco-stage2) and a label ratio below 1."""
+    task = f"{cfg.task}-{cfg.source}-to-{cfg.target}" if cfg.task == "cross-modal" else cfg.task
+    init = cfg.init
+    if init not in ("scratch", "pixels"):
+        folder, name = os.path.split(os.path.normpath(init))
+        init = "-".join(filter(None, (os.path.basename(folder), os.path.splitext(name)[0])))
+    return os.path.join("runs", "finetune", task, init + (f"-ratio{cfg.ratio:g}" if cfg.ratio < 1 else ""))
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -302,23 +335,33 @@ def backbone_input(batch, modality):
 
 
 def load_backbone(init, modality, default_cfg):
-    """(backbone, report). scratch: a fresh HRNet of `default_cfg`; a train.py checkpoint: its
-    encoders.<modality> weights in an HRNet of the checkpoint's config; anything else: an external HRNet
-    state_dict through HRNet.load_pretrained."""
+    """(backbone, report). scratch: a fresh HRNet of `default_cfg`; otherwise the HRNet of `modality` that the file
+    holds, copied by HRNet.load_state (which refuses a file that does not fill it): a train.py checkpoint's
+    encoders.<modality> in an HRNet of the checkpoint's config, a fine-tuned model.pt's backbone (its architecture
+    read off its tensors), an external HRNet state_dict in an HRNet of `default_cfg`."""
     if init == "scratch":
         return build_hrnet(default_cfg), {}
-    ckpt = load_checkpoint(init, "a train.py checkpoint or an HRNet state_dict")
-    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
-        net = build_hrnet(HCMoCoConfig.from_dict(ckpt["config"]["model"]))
-        prefix = f"encoders.{modality}."
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        result = net.load_state_dict(state, strict=False)
-        report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-        print(f"loaded {len(state) - len(report['unexpected'])} {modality} backbone tensors from {init}; "
-              f"missing: {len(report['missing'])}")
-        return net, report
-    net = build_hrnet(default_cfg)
-    return net, net.load_pretrained(init)
+    ckpt = load_checkpoint(init, "a train.py checkpoint, a finetune.py model.pt or an HRNet state_dict")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    arch = default_cfg
+    if isinstance(config, dict) and "model" in config:  # a train.py stage file
+        arch = HCMoCoConfig.from_dict(config["model"])
+        if modality == "depth" and arch.depth_encoder != "hrnet":
+            raise CheckpointError(f"{init}: its depth encoder is a {arch.depth_encoder}, not an HRNet")
+    elif isinstance(config, dict) and "task" in config:  # a finetune.py model.pt
+        arch = finetuned_hrnet(init, ckpt["model"], modality)
+    net = build_hrnet(arch)
+    return net, net.load_state(ckpt, init, hrnet_prefixes(modality))
+
+
+def finetuned_hrnet(init, state, modality):
+    """The HCMoCoConfig of the HRNet of `modality` in a fine-tuned model's state: HRNet.small has a 32-channel stem
+    (the published HRNets 64), and the width of its first branch is the HRNet's width."""
+    prefix = next((p for p in hrnet_prefixes(modality) if f"{p}conv1.weight" in state), None)
+    if prefix is None:
+        raise CheckpointError(f"{init}: a finetune.py model without an HRNet {modality} backbone")
+    width = state[f"{prefix}transition1.0.0.weight"].shape[0]
+    return HCMoCoConfig(hrnet="small" if state[f"{prefix}conv1.weight"].shape[0] == 32 else f"w{width}", width=width)
 
 
 class Finetuner(nn.Module):
@@ -346,6 +389,9 @@ def contrast_model(cfg):
         model_cfg, state = scratch_config(cfg), None
     else:
         ckpt = load_checkpoint(cfg.init, "a train.py checkpoint", ("model", "config"))
+        if not (isinstance(ckpt["config"], dict) and "model" in ckpt["config"]):  # e.g. a fine-tuned model.pt
+            raise CheckpointError(f"{cfg.init}: not a train.py checkpoint (no model config): {cfg.task} starts from "
+                                  "the whole pre-trained model of a stage file")
         model_cfg, state = HCMoCoConfig.from_dict(ckpt["config"]["model"]), ckpt["model"]
     model = HCMoCo(replace(model_cfg, **CONTRAST.get(contrast, {})))
     if state is not None:
@@ -414,7 +460,13 @@ def datasets(cfg):
     for option, reader in TASKS[cfg.task].real:
         root = getattr(cfg, option)
         if root:
-            return reader(root, "train"), reader(root, "test")
+            try:
+                sets = reader(root, "train"), reader(root, "test")
+            except (OSError, ValueError) as e:  # a missing split list, a malformed line
+                raise SystemExit(f"error: --{option.replace('_', '-')} {root}: {' '.join(str(e).split())}") from e
+            if not all(len(s) for s in sets):
+                raise SystemExit(f"error: --{option.replace('_', '-')} {root}: a split lists no image")
+            return sets
     return (labelled_people(cfg.train_samples, cfg.image_size, TRAIN_SEED),
             labelled_people(cfg.test_samples, cfg.image_size, TEST_SEED))
 
@@ -552,8 +604,9 @@ def save_finetuned(model, metrics, cfg):
 
 
 def write_metrics(metrics, cfg):
-    """cfg.out/metrics.json (the metrics and the run's config), printed without the per-class table. Written
-    through a temporary file and a rename: the experiment runner takes a run with a metrics.json as done."""
+    """cfg.out/metrics.json (the metrics and the run's config), and one line: the task, the init, the metrics with
+    their units (metrics_text) and what was written. Written through a temporary file and a rename: the
+    experiment runner takes a run with a metrics.json as done."""
     os.makedirs(cfg.out, exist_ok=True)
     per_image = {k: v for k, v in metrics.items() if k.endswith("per_image")}
     metrics = {k: v for k, v in metrics.items() if k not in per_image}
@@ -561,9 +614,27 @@ def write_metrics(metrics, cfg):
         cli.save_atomic(per_image, os.path.join(cfg.out, "per_image.pt"))
     path = os.path.join(cfg.out, "metrics.json")
     cli.save_json(dict(metrics, config=asdict(cfg)), path)
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()
-                      if k not in ("iou", "sweep")}))
+    written = path + (", model.pt" if os.path.exists(os.path.join(cfg.out, "model.pt")) else "")
+    print(f"{cfg.task} from {cfg.init}: {metrics_text(metrics)}; wrote {written}")
     return metrics
+
+
+# a metric's name (the end of a versatility task's view_name keys) -> (label, unit)
+METRIC_LABELS = {"miou": ("mIoU", " %"), "macc": ("mAcc", " %"), "aacc": ("aAcc", " %"), "acc10cm": ("acc@10cm", " %"),
+                 "mpjpe_cm": ("MPJPE", " cm"), "part_acc": ("part accuracy", " %"), "uv_acc": ("uv accuracy", " %"),
+                 "gps": ("GPS", " %"), "train_images": ("labelled training images", ""), "lr": ("probe lr", "")}
+
+
+def metrics_text(metrics):
+    """'mIoU 14.52 %, mAcc 20.10 %, ...' of a run's metrics (the per-class table and the probe's sweep aside)."""
+    parts = []
+    for k, v in metrics.items():
+        name = next((n for n in METRIC_LABELS if k == n or k.endswith(f"_{n}")), None)
+        if name is not None:
+            label, unit = METRIC_LABELS[name]
+            view = k[:-len(name)].rstrip("_").replace("_", " ")
+            parts.append(f"{view + ' ' if view else ''}{label} {f'{v:.2f}' if isinstance(v, float) else v}{unit}")
+    return ", ".join(parts)
 
 
 def load_finetuned(out, map_location="cpu"):
@@ -674,8 +745,10 @@ def run_probe(cfg, device):
     train_set, test_set = labelled_split(cfg)
     x, y = probe_inputs(features, train_set, cfg, device)
     n_val = max(1, len(x) // 5)
-    sweep = {lr: probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
-             for lr in PROBE_LRS}
+    sweep = {}
+    for k, lr in enumerate(PROBE_LRS, 1):
+        sweep[lr] = probe_miou(fit_probe(x[n_val:], y[n_val:], lr, cfg.steps, cfg.seed), x[:n_val], y[:n_val])["miou"]
+        print(f"[{k}/{len(PROBE_LRS)}] probe at lr {lr:g}: held-out mIoU {sweep[lr]:.2f} % ({n_val} images)")
     lr = max(sweep, key=sweep.get)
     metrics = probe_miou(fit_probe(x, y, lr, cfg.steps, cfg.seed), *probe_inputs(features, test_set, cfg, device))
     return dict(metrics, lr=lr, sweep={str(k): round(v, 2) for k, v in sweep.items()})
@@ -686,10 +759,19 @@ def main(argv=None):
     if argv[:1] == ["experiments"]:
         import experiments  # here: experiments.py imports this module
         return experiments.main(argv[1:])
+    cfg = parse_args(argv)
+    print(f"{cfg.task} from {cfg.init} on {cli.pick_device(cfg.device)}; the resolved config (also in "
+          f"{os.path.join(cfg.out, 'metrics.json')} at the end):\n" + textwrap.fill(
+              " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
+              subsequent_indent="    "))
     try:
-        return run(parse_args(argv))
+        return run(cfg)
     except CheckpointError as e:  # --init
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C
+        print(f"\ninterrupted: nothing of this run is saved (model.pt and metrics.json are written at its end, in "
+              f"{cfg.out}); run the command again to start over", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

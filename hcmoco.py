@@ -82,6 +82,13 @@ def build_hrnet(cfg, in_channels=3):
     return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init)
 
 
+def hrnet_prefixes(modality):
+    """Where the project's checkpoints hold the HRNet of `modality` (HRNet.load_state's prefixes): a train.py stage
+    file under 'encoders.<modality>.', a fine-tuned cross-/missing-modal model under 'hcmoco.encoders.<modality>.',
+    a fine-tuned backbone under 'backbone.'."""
+    return f"hcmoco.encoders.{modality}.", f"encoders.{modality}.", "backbone."
+
+
 def depth_input(depth, person):
     """Depth in metres -> the depth HRNet's input, as the published loader makes it: the person's depth minus its
     mean over the person's valid pixels, 0 at holes and everywhere off the person, repeated to 3 channels (supp.

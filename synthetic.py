@@ -17,6 +17,7 @@ Only numpy and torch are imported, so the file can be copied alone.
 """
 import argparse
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -504,6 +505,9 @@ def detector_keypoints(rng, keypoints, image_size):
 
 
 # -------------------------------------------------------------------------------------------------------- dataset
+MIN_SIZE = 32  # pixels: below, a limb is narrower than a pixel
+
+
 class SyntheticHumans(torch.utils.data.Dataset):
     """Procedural multi-modal humans. Item i is a deterministic function of (seed, i), rendered on the fly.
 
@@ -514,8 +518,8 @@ class SyntheticHumans(torch.utils.data.Dataset):
     def __init__(self, num_samples, image_size=128, seed=0, domain="indoor", with_depth=True):
         if domain not in ("indoor", "wild"):
             raise ValueError(f"domain must be 'indoor' or 'wild', got {domain!r}")
-        if image_size < 32:
-            raise ValueError(f"image_size must be at least 32, got {image_size}")
+        if image_size < MIN_SIZE:
+            raise ValueError(f"image_size must be at least {MIN_SIZE}, got {image_size}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         self.num_samples, self.image_size, self.seed = num_samples, image_size, seed
@@ -597,14 +601,39 @@ def contact_sheet(dataset, n, path):
     fig.savefig(path, dpi=80)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Write a contact sheet of synthetic multi-modal humans.")
-    parser.add_argument("--out", default="synthetic_sheet.png")
-    parser.add_argument("--n", type=int, default=6)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--domain", default="indoor", choices=["indoor", "wild"])
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="synthetic.py", description="Write a contact sheet of synthetic multi-modal "
+                                     "humans.")
+    parser.add_argument("--out", default="synthetic_sheet.png",
+                        help="the image; its type from its suffix (png, pdf, svg, jpg, ...), its folder made (default: "
+                             "%(default)s)")
+    parser.add_argument("--n", type=int, default=6, help="people, one row each (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=128,
+                        help=f"image side in pixels, at least {MIN_SIZE} (default: %(default)s)")
+    parser.add_argument("--domain", default="indoor", choices=["indoor", "wild"],
+                        help="indoor: a room, with depth; wild: cluttered 2D backgrounds, without depth (default: "
+                             "%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="of the people drawn (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from matplotlib.backend_bases import FigureCanvasBase
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(args.out)[1][1:].lower()
+    if args.n < 1:
+        parser.error(f"--n must be positive, got {args.n}")
+    if args.size < MIN_SIZE:
+        parser.error(f"--size must be at least {MIN_SIZE}, got {args.size}")
+    if suffix not in kinds:
+        what = f".{suffix} is not an image type matplotlib writes" if suffix else "no suffix to tell the image type"
+        parser.error(f"--out {args.out}: {what} ({', '.join(sorted(kinds))})")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:  # the folder made and written now, not after the rendering
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot make or write {folder} ({e.strerror or e})")
     dataset = SyntheticHumans(args.n, args.size, args.seed, args.domain, with_depth=args.domain == "indoor")
     contact_sheet(dataset, args.n, args.out)
     print(f"wrote {args.out}")

@@ -1,4 +1,4 @@
-"""HCMoCo pre-training, two stages as published: stage 1 trains the sample-level target alone (Eq. 2), stage 2
+r"""HCMoCo pre-training, two stages as published: stage 1 trains the sample-level target alone (Eq. 2), stage 2
 starts from it and trains the whole hierarchy (Eq. 1).
 
     python train.py --stage 2                      # both stages, synthetic data, CPU preset without a GPU
@@ -9,8 +9,10 @@ starts from it and trains the whole hierarchy (Eq. 1).
 
 Every option has its preset's value unless given (Config, PRESETS); the resolved config is printed at the start.
 Outputs in --out: config.json (that config), stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG
-state, config; written atomically), log.jsonl (one row per logged step) and loss.png. --resume continues a killed run (Ctrl-C prints the
-command); a finished stage1.pt found in --out is reused by stage 2.
+state, config; written atomically), log.jsonl (one row per logged step) and loss.png. A finished stage file in
+--out is reused when the options that shape it are the same (stage 2's own options do not shape stage1.pt; those
+that only manage the run, RUN_OPTIONS, shape neither); a stage file made with other options stops the run, naming
+them, unless --overwrite discards it. --resume continues a killed run (Ctrl-C prints the command).
 """
 import argparse
 import json
@@ -21,7 +23,7 @@ import sys
 import textwrap
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -33,7 +35,7 @@ import cli
 import data
 import synthetic
 from encoders import CheckpointError, HRNet, apply_affine, load_checkpoint, pixel_grid
-from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, sample_at
+from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, hrnet_prefixes, sample_at
 
 HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 MOVED = (30.0, 1.2, (8.0, -6.0))  # the monitors' moved depth view: rotation (degrees), scale, shift (pixels)
@@ -50,21 +52,21 @@ class Config:
     48 dense points: a person covers 25-60 cells of the 16 x 16 grid, drawn with replacement; Eq. 6 weighted 6
     times the published weight (lambda_sparse 6: its intra-sample part is what the sparse level adds here)."""
     stage: Literal[1, 2] = 2  # train up to this stage
-    preset: Literal["auto", "cpu", "paper"] = "cpu"  # --preset auto (the default): paper on a GPU, cpu otherwise
-    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"
-    ntu_root: str | None = None
-    mpii_root: str | None = None
-    coco_root: str | None = None
+    preset: Literal["auto", "cpu", "paper"] = "cpu"  # the other options' defaults; auto: paper on a GPU, else cpu
+    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"  # rendered people, or NTU RGB+D + MPII / COCO
+    ntu_root: str | None = None  # NTU RGB+D's folder (data.NTURGBD)
+    mpii_root: str | None = None  # MPII's folder (data.MPII)
+    coco_root: str | None = None  # COCO's folder (data.COCOKeypoints)
     targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
-    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
-    hrnet: Literal["small", "w18", "w32", "w48"] = "small"
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # the HRNets: the small CPU one, or a published width
     width: int = 16  # of the small HRNet
     init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
-    backbone_init: str | None = None  # an official-format HRNet checkpoint for both HRNets (ImageNet weights)
-    image_size: int = 64
-    synthetic_samples: int = 4096
+    backbone_init: str | None = None  # both HRNets' weights: an HRNet file (ImageNet), a stage file, a model.pt
+    image_size: int = 64  # pixels, square
+    synthetic_samples: int = 4096  # people rendered for --data synthetic, 3/4 with depth
     cache: bool = True  # render the synthetic set once into memory
-    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives
+    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives: the memory bank, or the batch
     num_negatives: int = 256  # drawn from the memory bank
     momentum: float = 0.5  # of the memory bank
     dense_points: int = 48  # per image
@@ -72,27 +74,34 @@ class Config:
     # (data.BatchAugment); published: the published NTU RGB+D / MPII recipes item by item in the loader's processes
     augment: Literal["batch", "published"] = "batch"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
-    tau: float = 0.1
-    lambda_global: float = 1.0  # Eq. 1
-    lambda_dense: float = 1.0
-    lambda_sparse: float = 6.0
+    tau: float = 0.1  # the temperature of the contrastive terms
+    lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
+    lambda_dense: float = 1.0  # Eq. 1's weight of the dense term
+    lambda_sparse: float = 6.0  # Eq. 1's weight of the sparse term
     epochs: int = 6  # per stage
     steps: int | None = None  # per stage, instead of epochs (smoke runs)
     batch_size: int = 64  # global, over all ranks
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 3e-3
+    optimizer: Literal["sgd", "adamw"] = "adamw"  # SGD with momentum 0.9 (published) or AdamW; weight decay 1e-4
+    lr: float = 3e-3  # the peak learning rate of each stage, on a cosine to 0
     warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
     eval_every: int = 64  # steps between held-out monitors
     heldout: int = 256  # held-out people the monitors embed
-    out: str = "runs/hcmoco"
-    resume: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    workers: int = 2
-    compile: bool = False
-    save_every: int = 100
-    log_every: int = 10
+    out: str = "runs/hcmoco"  # the run's folder: config.json, stage1.pt, stage2.pt, log.jsonl, loss.png
+    resume: bool = False  # continue the unfinished stage in --out where it stopped
+    overwrite: bool = False  # discard the stage files in --out made with other options, or unfinished, and retrain
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
+    seed: int = 0  # of the initialisation, the batches and the augmentations
+    workers: int = 2  # data-loading processes
+    compile: bool = False  # torch.compile the encoders
+    save_every: int = 100  # steps between checkpoints
+    log_every: int = 10  # steps between rows of log.jsonl
 
+
+# What a stage file depends on: every option but these, which manage the run and leave the model as it is (a new
+# option shapes the stage files until it is listed here). Stage 1 also does not read STAGE2_OPTIONS.
+RUN_OPTIONS = ("stage", "out", "resume", "overwrite", "device", "workers", "compile", "eval_every", "heldout",
+               "log_every", "save_every")
+STAGE2_OPTIONS = ("targets", "lambda_dense", "lambda_sparse", "dense_points")
 
 PRESETS = {
     "cpu": Config(),
@@ -105,11 +114,18 @@ PRESETS = {
 }
 
 
+def preset_defaults():
+    """--help's default of each option: its value in both presets, or the value of each."""
+    cpu, paper = asdict(PRESETS["cpu"]), asdict(PRESETS["paper"])
+    return {k: v if v == paper[k] else f"{v}, paper preset {paper[k]}" for k, v in cpu.items()} | {"preset": "auto"}
+
+
 def parse_args(argv=None):
     """The run's complete Config: the preset's values, replaced by the options given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_options(parser, Config, defaults=False)
+    cli.add_options(parser, Config, defaults=False, shown=preset_defaults())
     given = vars(parser.parse_args(argv))
+    cli.check(parser, [cli.device_check(given.get("device", "auto"))])  # before the device picks the preset
     device = cli.pick_device(given.pop("device", "auto"))
     preset = given.pop("preset", "auto")
     preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)
@@ -118,6 +134,8 @@ def parse_args(argv=None):
     roots = {"synthetic": (), "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
     cli.check(parser, [
         *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
+        *[(getattr(cfg, r) is None, f"--{r.replace('_', '-')}: --data {cfg.data} does not read it")
+          for r in ("ntu_root", "mpii_root", "coco_root") if r not in roots[cfg.data]],
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
         *cli.positive(cfg, ("epochs", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau", "eval_every",
                             "save_every", "log_every")),
@@ -131,7 +149,11 @@ def parse_args(argv=None):
         (cfg.synthetic_samples >= 4,
          f"--synthetic-samples must be at least 4 (3/4 with depth, 1/4 without), got {cfg.synthetic_samples}"),
         (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
-        cli.out_check(cfg.out)])
+        (not (cfg.resume and cfg.overwrite), "--resume continues the stage files in --out, --overwrite discards "
+         "them: give one"),
+        (not cfg.resume or any(os.path.exists(stage_path(cfg.out, k)) for k in range(1, cfg.stage + 1)),
+         f"--resume: nothing to resume in {cfg.out} (no stage file); leave --resume out to start a new run")])
+    cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
 
 
@@ -153,10 +175,59 @@ def heldout_batch(image_size, n):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
+def stage_path(out, stage):
+    return os.path.join(out, f"stage{stage}.pt")
+
+
 def load_stage(path, map_location="cpu"):
     """A checkpoint written by run_stage (CheckpointError if the file is not one)."""
     return load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
                            map_location)
+
+
+def changed_options(saved, cfg, stage):
+    """'--name old -> new' for each option that shapes stage `stage` (RUN_OPTIONS and, for stage 1,
+    STAGE2_OPTIONS aside) whose value in cfg differs from `saved`, the train config stored in a stage file."""
+    skip = RUN_OPTIONS + (STAGE2_OPTIONS if stage == 1 else ())
+    return [f"--{k.replace('_', '-')} {saved.get(k, '(not recorded)')} -> {v}" for k, v in asdict(cfg).items()
+            if k not in skip and saved.get(k, MISSING) != v]
+
+
+def plan(cfg):
+    """What pretrain does with each stage 1..cfg.stage: 'reuse' a finished stage file of the same shaping options,
+    'resume' an unfinished one (--resume), or 'train' from step 0; once a stage trains, every later stage file is
+    outdated. Stops with one line before it would reuse, continue or replace a stage file made with other options,
+    replace an unfinished one without --resume or --overwrite, or leave an outdated later one beside it."""
+    actions, outdated = [], False
+    for stage in (1, 2):  # stage2.pt too under --stage 1: a stage 1 trained again outdates it
+        path = stage_path(cfg.out, stage)
+        if stage > cfg.stage and not (outdated and os.path.exists(path)):
+            break
+        if not os.path.exists(path):
+            actions.append("train")
+            outdated = True
+            continue
+        ckpt = load_stage(path)
+        changed = changed_options(ckpt["config"]["train"], cfg, stage)
+        if changed or outdated:
+            why = (f"was trained with other options ({', '.join(changed)})" if changed
+                   else "started from the stage 1 that this run trains again")
+            if not cfg.overwrite:
+                keep = "give the same options to continue it, or " if cfg.resume and changed else ""
+                raise SystemExit(f"error: {path} {why}: {keep}give another --out, or --overwrite to discard it")
+            action = "train"
+        elif ckpt["done"]:
+            action = "reuse"
+        elif cfg.resume:
+            action = "resume"
+        elif cfg.overwrite:
+            action = "train"
+        else:
+            raise SystemExit(f"error: {path} is unfinished (step {ckpt['step']}): continue it with --resume, or "
+                             "train it again with --overwrite")
+        actions.append(action)
+        outdated = outdated or action != "reuse"
+    return actions
 
 
 def read_log(out):
@@ -227,13 +298,12 @@ def model_config(cfg, stage, bank_size):
 
 
 def gather_all(t):
-    """Concatenate a tensor over ranks; float tensors keep their gradient to the rank that owns them."""
-    import torch.distributed.nn.functional as dist_nn
-    if t.is_floating_point():
-        return torch.cat(dist_nn.all_gather(t))
-    parts = [torch.empty_like(t, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.to(torch.int64))
-    return torch.cat(parts).to(t.dtype)
+    """Concatenate a tensor over ranks along dim 0; a float tensor's gradient flows back to the rank that owns
+    each part, summed over the ranks whose losses read it (torch.distributed.nn's all_gather did the same)."""
+    from torch.distributed import _functional_collectives as fc  # the API torch >= 2.13 points to
+    whole = fc.wait_tensor(fc.all_gather_single(t if t.is_floating_point() else t.to(torch.int64), 0,
+                                                dist.group.WORLD))  # int64: gloo gathers no bool
+    return whole.to(t.dtype)
 
 
 # -------------------------------------------------------------------------------------------------------- monitors
@@ -317,15 +387,23 @@ def moved_matching(model, batch, rgb, points, gen):
     return (torch.gather(idx, 1, nearest) == idx).float().mean().item()
 
 
+def monitor_line(m, people):
+    """The headline monitors of a log row in words."""
+    return (f"held-out RGB -> depth top-1 {100 * m['retrieval']:.1f} % among {people} people (chance "
+            f"{100 / people:.1f} %), global cosine between people {m['cos_rgb']:.2f} (1 = collapsed), dense matching "
+            f"{100 * m['dense_acc']:.0f} % vs {100 * m['dense_acc_other']:.0f} % with another person's depth and "
+            f"{100 * m['dense_acc_moved']:.0f} % with the depth moved (pixel position alone: ~18 %)")
+
+
 def build_model(cfg, stage, bank_size, device, log):
     """The stage's model and optimiser: stage 2 starts from stage 1's finished weights (encoders, mappers, memory
     bank); stage 1 from --backbone-init when given (both HRNets from the same weights, as the published scripts)."""
     model = HCMoCo(model_config(cfg, stage, bank_size)).to(device)
     if stage == 2:
-        model.load_state_dict(load_stage(os.path.join(cfg.out, "stage1.pt"), device)["model"])
+        model.load_state_dict(load_stage(stage_path(cfg.out, 1), device)["model"])
     elif cfg.backbone_init:
         for m in ("rgb", "depth"):
-            report = model.encoders[m].load_pretrained(cfg.backbone_init)
+            report = model.encoders[m].load_pretrained(cfg.backbone_init, hrnet_prefixes(m))
             log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
@@ -353,9 +431,11 @@ def for_device(model, cfg, device, rank, world):
             encoder.compile()
     if world == 1:
         return model, model
-    # the memory bank is kept identical on every rank by the gathered update, so buffers are not broadcast
+    # rank 0's buffers reach every rank once, at the wrapping; afterwards the memory bank stays identical on every
+    # rank through the gathered update, and each rank keeps the BatchNorm statistics of its own batches. A rank's
+    # batch can lack a modality, whose encoder then takes no part in the step (find_unused_parameters)
     return model, torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         find_unused_parameters=True)
 
 
@@ -386,12 +466,26 @@ def start_log(out, stage, start):
     return write_row
 
 
+def stage_steps(cfg, n):
+    """The steps of a stage on a pre-training set of n samples: --steps, or --epochs passes over it."""
+    return cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
+def run_warnings(cfg, n):
+    """What would make a run on n pre-training samples train other than its options suggest."""
+    total = stage_steps(cfg, n)
+    return ([f"a stage has {total} steps, fewer than --warmup {cfg.warmup}: the learning rate never leaves the "
+             "warm-up"] if total < cfg.warmup else []) + \
+        ([f"{n} pre-training samples, fewer than --batch-size {cfg.batch_size}: a batch holds people more than once, "
+          "each then its own negative"] if n < cfg.batch_size else [])
+
+
 def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     """Train one stage; returns the path of its finished checkpoint."""
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
-    path = os.path.join(cfg.out, f"stage{stage}.pt")
-    total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    path = stage_path(cfg.out, stage)
+    total = stage_steps(cfg, len(dataset))
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = resume(path, model, optimizer, device) if cfg.resume else 0
@@ -442,33 +536,45 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
             if (step + 1) % cfg.save_every == 0 and step + 1 < total:
                 save(step + 1, done=False)
     if lead:  # after the last update
-        write_row(dict(step=total, time=round(time.time() - t0, 2), **monitors(model, heldout, initial)))
+        final = monitors(model, heldout, initial)
+        write_row(dict(step=total, time=round(time.time() - t0, 2), **final))
+        log(f"stage {stage} done after {total} steps: {monitor_line(final, cfg.heldout)}")
     save(total, done=True)
+    if world > 1:
+        dist.barrier()  # the next stage starts from this file on every rank: none may read it before rank 0 wrote it
     if lead:
         plot_log(cfg.out)
     return path
 
 
 def pretrain(cfg, rank=0, world=1):
-    """Stages 1..cfg.stage of a complete Config (parse_args's): a finished stage file in cfg.out is reused; the
-    pre-training set is built (rendered, read) only when a stage has to train. Writes cfg.out/config.json; returns
-    the stage files' paths."""
+    """Stages 1..cfg.stage of a complete Config (parse_args's), as plan() decides: a stage file in cfg.out is
+    reused, continued or replaced only when its options allow it. The pre-training set is built (rendered, read)
+    only when a stage has to train. When one does, the stage files it replaces go first and cfg.out/config.json
+    describes the run, so that it always describes the stage files beside it. Returns the stage files' paths."""
     log = print if rank == 0 else (lambda *a: None)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:
+    actions = plan(cfg)
+    if world > 1:
+        dist.barrier()  # every rank has read the stage files before rank 0 removes any
+    if rank == 0 and set(actions) != {"reuse"}:
+        for stage, action in enumerate(actions, 1):
+            if action == "train" and os.path.exists(stage_path(cfg.out, stage)):
+                os.remove(stage_path(cfg.out, stage))
         cli.save_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
     paths, dataset = [], None
-    for stage in range(1, cfg.stage + 1):
-        path = os.path.join(cfg.out, f"stage{stage}.pt")
-        if os.path.exists(path) and load_stage(path)["done"]:
-            log(f"stage {stage}: reusing the finished {path}")
+    for stage, action in enumerate(actions[:cfg.stage], 1):
+        if action == "reuse":
+            log(f"stage {stage}: reusing the finished {stage_path(cfg.out, stage)}, made with the same options")
         else:
             if dataset is None:
                 dataset = build_dataset(cfg)
                 log(f"{cfg.data} data: {len(dataset)} samples")
+                for warning in run_warnings(cfg, len(dataset)):
+                    log(f"warning: {warning}")
             run_stage(cfg, stage, dataset, rank, world, log)
-        paths.append(path)
+        paths.append(stage_path(cfg.out, stage))
     return paths
 
 
@@ -482,8 +588,8 @@ def main(argv=None):
         if cfg.batch_size % world:
             raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the {world} ranks")
     if rank == 0:
-        print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (also in "
-              f"{os.path.join(cfg.out, 'config.json')}):\n" + textwrap.fill(
+        print(f"HCMoCo pre-training on {cfg.device} x{world}; the resolved config (written to "
+              f"{os.path.join(cfg.out, 'config.json')} when a stage trains):\n" + textwrap.fill(
                   " ".join(f"{k}={v}" for k, v in asdict(cfg).items()), 118, initial_indent="    ",
                   subsequent_indent="    "))
     try:
@@ -494,10 +600,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are whole (save_atomic)
         if rank == 0:
-            again = argv if "--resume" in argv else [*argv, "--resume"]
             launcher = f"torchrun --nproc_per_node {world} train.py" if world > 1 else "python train.py"
-            print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
-                  f"    {launcher} {shlex.join(again)}", file=sys.stderr)
+            if any(os.path.exists(stage_path(cfg.out, k)) for k in range(1, cfg.stage + 1)):
+                again = [a for a in argv if a not in ("--resume", "--no-resume", "--overwrite")] + ["--resume"]
+                print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} with\n"
+                      f"    {launcher} {shlex.join(again)}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted before the first checkpoint: nothing to continue; start again with\n"
+                      f"    {launcher} {shlex.join(argv)}", file=sys.stderr)
         raise SystemExit(130)
     if world > 1:
         dist.destroy_process_group()

@@ -12,11 +12,12 @@ import cli
 
 @dataclass
 class Options:
-    kind: Literal["a", "b"] = "a"
+    kind: Literal["a", "b"] = "a"  # which kind; a '#' in a string below is no comment
     stage: Literal[1, 2] = 2
-    steps: int | None = None
-    rate: float = 0.5
-    cache: bool = True
+    steps: int | None = None  # instead of epochs
+    rate: float = 0.5  # 100 % = 1
+    cache: bool = True  # keep it in memory
+    name: str = "x # y"
 
 
 def parse(argv, defaults=True):
@@ -26,9 +27,9 @@ def parse(argv, defaults=True):
 
 
 def test_options_follow_the_field_types():
-    assert parse([]) == dict(kind="a", stage=2, steps=None, rate=0.5, cache=True)
+    assert parse([]) == dict(kind="a", stage=2, steps=None, rate=0.5, cache=True, name="x # y")
     assert parse(["--kind", "b", "--stage", "1", "--steps", "7", "--rate", "2e-3", "--no-cache"]) == dict(
-        kind="b", stage=1, steps=7, rate=2e-3, cache=False)
+        kind="b", stage=1, steps=7, rate=2e-3, cache=False, name="x # y")
     for bad in (["--kind", "c"], ["--stage", "3"], ["--steps", "x"]):
         with pytest.raises(SystemExit):
             parse(bad)
@@ -38,6 +39,20 @@ def test_without_defaults_only_the_given_options_are_parsed():
     """What lets a preset fill every option the command line leaves out."""
     assert parse([], defaults=False) == {}
     assert parse(["--steps", "3", "--cache"], defaults=False) == dict(steps=3, cache=True)
+
+
+def test_help_is_each_fields_comment_and_its_default():
+    """--help reads the `# comment` ending each field's line and adds the default (a preset's values when given)."""
+    assert cli.field_comments(Options) == {"kind": "which kind; a '#' in a string below is no comment",
+                                           "steps": "instead of epochs", "rate": "100 % = 1", "cache": "keep it in memory"}
+    for defaults, shown, rate in ((True, None, "(default: 0.5)"), (False, {"rate": "0.5, paper 0.1"},
+                                                                    "(default: 0.5, paper 0.1)")):
+        parser = argparse.ArgumentParser()
+        cli.add_options(parser, Options, defaults, shown)
+        text = {a.dest: a.help % {} for a in parser._actions if a.dest != "help"}
+        assert text == {"kind": "which kind; a '#' in a string below is no comment (default: a)",
+                        "stage": "(default: 2)", "steps": "instead of epochs", "rate": f"100 % = 1 {rate}",
+                        "cache": "keep it in memory (default: True)", "name": "(default: x # y)"}
 
 
 def test_cosine_lr_warms_up_linearly_then_falls_to_zero():

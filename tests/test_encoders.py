@@ -48,6 +48,26 @@ def test_load_pretrained_reports_and_skips_mismatches(tmp_path, capsys):
     assert "loaded" in capsys.readouterr().out
 
 
+def test_load_pretrained_counts_the_tensors_it_copies_and_refuses_a_file_that_leaves_the_hrnet_unfilled(tmp_path,
+                                                                                                       capsys):
+    src = E.HRNet.small(width=4)
+    state = src.state_dict()
+    weights = [k for k in state if not k.endswith("num_batches_tracked")]
+    dst = E.HRNet.small(width=4)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    for name, bad in (("foo", {"foo": torch.ones(3)}), ("most", {k: state[k] for k in weights[:len(weights) // 2]})):
+        torch.save(bad, tmp_path / f"{name}.pth")
+        with pytest.raises(E.CheckpointError, match=f"^{tmp_path / name}.pth: {len(bad) if name == 'most' else 0} of "
+                                                    f"the HRNet's {len(weights)} weight tensors match"):
+            dst.load_pretrained(tmp_path / f"{name}.pth")
+        assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing copied
+    kept = {k: state[k] for k in weights[:-len(weights) // 20]}  # 95 %: loads, and says how many it copied
+    torch.save(kept, tmp_path / "kept.pth")
+    report = dst.load_pretrained(tmp_path / "kept.pth")
+    assert report["missing"] == weights[-len(weights) // 20:] and report["unexpected"] == []
+    assert f"{len(kept)}/{len(weights)} weight tensors loaded" in capsys.readouterr().out
+
+
 def test_semgcn_shapes_and_graph_locality():
     gcn = E.SemGCN(hidden=16, layers=2, parents=PARENTS).eval()
     x = torch.randn(2, 16, 2)

@@ -1,7 +1,10 @@
 """finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
 and cross-modal training never touches the target modality's labelled images."""
+import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,8 +61,16 @@ def test_ratio_keeps_a_uniformly_spaced_subset(ratio, expected):
 
 
 @pytest.mark.parametrize("task", ["rgb-parsing", "depth-parsing", "depth-pose", "dense-pose"])
-def test_each_head_trains_and_reports_its_metrics(task, tmp_path):
+def test_each_head_trains_and_reports_its_metrics(task, tmp_path, capsys):
     m = finetune.main(["--task", task, "--out", str(tmp_path), *TINY])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{task} from scratch on cpu; the resolved config (also in {tmp_path / 'metrics.json'} at the end):"
+    assert f"task={task} init=scratch" in out[1]
+    labels = {"rgb-parsing": f"mIoU {m.get('miou', 0):.2f} %, mAcc", "depth-parsing": f"mIoU {m.get('miou', 0):.2f} %",
+              "depth-pose": f"acc@10cm {m.get('acc10cm', 0):.2f} %, MPJPE {m.get('mpjpe_cm', 0):.2f} cm",
+              "dense-pose": f"part accuracy {m.get('part_acc', 0):.2f} %, uv accuracy"}[task]
+    assert out[-1].startswith(f"{task} from scratch: {labels}") and out[-1].endswith(
+        f", labelled training images 8; wrote {tmp_path / 'metrics.json'}, model.pt")
     keys = {"rgb-parsing": {"miou", "macc", "aacc", "iou"}, "depth-parsing": {"miou", "macc", "aacc", "iou"},
             "depth-pose": {"acc10cm", "mpjpe_cm"}, "dense-pose": {"part_acc", "uv_acc", "gps"}}[task]
     assert keys <= set(m) and m["train_images"] == 8
@@ -85,7 +96,7 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     state = torch.load(checkpoint, weights_only=True)["model"]
     torch.testing.assert_close(net.stage4[0].branches[3][0].conv1.weight,
                                state["encoders.depth.stage4.0.branches.3.0.conv1.weight"])
-    assert report == {"missing": [], "unexpected": []} and net.out_channels[0] == 4
+    assert report == {"missing": [], "unexpected": [], "mismatched": []} and net.out_channels[0] == 4
     assert "loaded" in capsys.readouterr().out
     # an external state_dict with a missing tensor is reported
     partial = {k[len("encoders.rgb."):]: v for k, v in state.items() if k.startswith("encoders.rgb.")}
@@ -94,6 +105,46 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     torch.save(partial, path)
     net, report = finetune.load_backbone(str(path), "rgb", finetune.HCMoCoConfig(width=4))
     assert report["missing"] == ["conv1.weight"]
+
+
+def test_init_takes_a_fine_tuned_model_and_its_backbone_goes_on(checkpoint, tmp_path):
+    """A fine-tuned model.pt is a checkpoint the project writes: as --init its backbone is the starting point,
+    architecture and all; cross-modal, which needs the whole pre-trained model, says so in one line."""
+    first = tmp_path / "first"
+    finetune.main(["--task", "depth-parsing", "--init", str(checkpoint), "--out", str(first), *TINY])
+    tuned = torch.load(first / "model.pt", weights_only=True)["model"]
+    net, report = finetune.load_backbone(str(first / "model.pt"), "depth", finetune.scratch_config(finetune.Config()))
+    assert net.out_channels[0] == 4 and report["missing"] == [] and report["unexpected"] == []
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, tuned[f"backbone.{k}"], msg=k)
+    m = finetune.main(["--task", "rgb-parsing", "--init", str(first / "model.pt"), "--out", str(tmp_path / "again"),
+                       *TINY])
+    assert "miou" in m
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", "cross-modal", "--init", str(first / "model.pt"), "--out", str(tmp_path / "x"), *TINY])
+    assert str(e.value.code) == (f"error: {first / 'model.pt'}: not a train.py checkpoint (no model config): "
+                                 "cross-modal starts from the whole pre-trained model of a stage file")
+
+
+@pytest.mark.parametrize("state", ["foreign", "prefixed", "narrower"])
+def test_an_init_that_does_not_fill_the_backbone_is_one_line(checkpoint, tmp_path, state, capsys):
+    """Matched by name and shape or not at all: a file whose keys do not match (BatchNorm step counts aside) or whose
+    tensors have other shapes is refused before any training, naming a key it has and one the HRNet expects."""
+    rgb = {k[len("encoders.rgb."):]: v for k, v in torch.load(checkpoint, weights_only=True)["model"].items()
+           if k.startswith("encoders.rgb.")}
+    path = tmp_path / "init.pth"
+    torch.save({"foreign": {"foo": torch.ones(3)}, "prefixed": {f"net.{k}": v for k, v in rgb.items()},
+                "narrower": rgb}[state], path)
+    with pytest.raises(SystemExit) as e:  # the default backbone is width 16; the checkpoint's is width 4
+        finetune.main(["--task", "rgb-parsing", "--init", str(path), "--out", str(tmp_path / "out"), *TINY])
+    message = str(e.value.code)
+    expected = {"foreign": "the file has 'foo', the HRNet expects 'conv1.weight'",
+                "prefixed": "the file has 'net.conv1.weight', the HRNet expects 'conv1.weight'",
+                "narrower": r"the file's '[\w.]+' is \[4, [\d, ]+\], the HRNet's \[16, "}[state]
+    pattern = expected if state == "narrower" else re.escape(expected)
+    assert message.startswith(f"error: {path}: ") and re.search(pattern, message) and "prefix" in message
+    assert "\n" not in message and "tensors loaded" not in capsys.readouterr().out
+    assert not any((tmp_path / "out").iterdir())  # --out is made before any work; nothing in it
 
 
 @pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
@@ -105,13 +156,13 @@ def test_an_init_that_is_not_a_checkpoint_is_one_line_and_runs_no_code(tmp_path,
         finetune.main(["--task", task, "--init", str(bad), "--out", str(tmp_path / "out"), *TINY])
     message = str(e.value.code)
     assert message.startswith(f"error: {bad}: not a train.py checkpoint") and "\n" not in message
-    assert not ran.exists() and not (tmp_path / "out").exists()
+    assert not ran.exists() and not any((tmp_path / "out").iterdir())  # --out is made before any work; nothing in it
 
 
 @pytest.mark.parametrize("args", [["--batch-size", "0"], ["--lr", "-1"], ["--steps", "0"], ["--image-size", "32"],
                                   ["--train-samples", "0"], ["--test-samples", "-1"], ["--weight-decay", "-0.1"],
                                   ["--task", "rgb-probe", "--train-samples", "1"], ["--out", "{file}"],
-                                  ["--out", "{file}/run"]])
+                                  ["--out", "{file}/run"], ["--out", "/proc/hcmoco-out"]])
 def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeypatch, args):
     file = tmp_path / "file"
     file.write_text("keep")
@@ -125,13 +176,107 @@ def test_bad_values_are_usage_errors_naming_the_option(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("layout,message", [
+    (None, "--ntu-parsing-root {root}: not a folder"),
+    ({}, "error: --ntu-parsing-root {root}: {root}/train.txt not found; expected layout: <root>/{{split}}.txt"),
+    ({"train.txt": "a.png b.png\n", "test.txt": ""}, "error: --ntu-parsing-root {root}: {root}/train.txt:1: expected 3 "
+                                                      "paths, got 2"),
+    ({"train.txt": "", "test.txt": ""}, "error: --ntu-parsing-root {root}: a split lists no image")])
+def test_a_missing_or_malformed_dataset_root_is_one_line(tmp_path, capsys, layout, message):
+    root = tmp_path / "ntu"
+    if layout is not None:
+        root.mkdir()
+        for name, text in layout.items():
+            (root / name).write_text(text)
+    message = message.format(root=root)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", "depth-parsing", "--ntu-parsing-root", str(root), "--out", str(tmp_path / "o"), *TINY])
+    if layout is None:
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+    else:
+        assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code)
+
+
+def test_device_cuda_without_a_gpu_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--device", "cuda", "--out", str(tmp_path / "gpu"), *TINY])
+    assert e.value.code == 2 and "error: --device cuda: torch sees no GPU" in capsys.readouterr().err
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "fit", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--out", str(tmp_path / "out"), *TINY])
+    assert e.value.code == 130 and not (tmp_path / "out" / "metrics.json").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: nothing of this run is saved")
+    monkeypatch.setattr(experiments, "experiments", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["experiments", "--out", str(tmp_path / "exp")])
+    assert e.value.code == 130 and "the same command continues where it stopped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "rgb-parsing", "--source", "depth"], "--source: only --task cross-modal reads it"),
+    (["--task", "missing-modal", "--target", "rgb"], "--target: only --task cross-modal reads it"),
+    (["--task", "rgb-probe", "--lr", "0.1"], "--lr: the probes choose their learning rate among"),
+    (["--task", "depth-probe", "--weight-decay", "0"], "--weight-decay: the probes do not read it"),
+    (["--task", "depth-parsing", "--contrast", "full"], "--contrast: only --task cross-modal and missing-modal"),
+    (["--task", "depth-parsing", "--init", "{ckpt}", "--scratch-init", "official"],
+     "--scratch-init: only --init scratch reads it"),
+    (["--task", "depth-parsing", "--h36m-root", "{root}"], "--h36m-root: --task depth-parsing does not read it "
+                                                           "(--task rgb-parsing does)"),
+    (["--task", "depth-pose", "--ntu-parsing-root", "{root}"], "--ntu-parsing-root: --task depth-pose does not read")])
+def test_an_option_the_task_would_ignore_is_a_usage_error(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(finetune, "run", None)  # nothing may start
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    args = [a.format(ckpt=tmp_path / "ckpt.pt", root=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_help_gives_each_option_its_meaning_and_its_default():
+    out = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    words = " ".join(out.split())
+    assert set(finetune.cli.field_comments(finetune.Config)) == {f.name for f in dataclasses.fields(finetune.Config)}
+    for line in ("--train-samples TRAIN_SAMPLES labelled synthetic training people, before --ratio (default: 400)",
+                 "--test-samples TEST_SAMPLES the fixed held-out test set (TEST_SEED) (default: 500)",
+                 "--out OUT the run's folder (default: runs/finetune/<task>/<init>)"):
+        assert line in words, line
+    assert "train 100" not in words and "test 200" not in words  # the seeds, once read as the sizes
+
+
+def test_the_readme_fine_tuning_commands_write_to_folders_of_their_own():
+    """By default a run writes into a folder named after its task and init: the README's commands one after the
+    other do not overwrite each other's model.pt and metrics.json."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    commands = [line.split("#")[0].split()[2:] for line in readme.splitlines()
+                if line.startswith("python finetune.py --task")]
+    parser = argparse.ArgumentParser()
+    finetune.cli.add_options(parser, finetune.Config, defaults=False)
+    outs = [finetune.default_out(finetune.Config(**vars(parser.parse_args(c)))) for c in commands]
+    assert len(commands) >= 6 and len(set(outs)) == len(outs)
+    assert all(o.startswith(os.path.join("runs", "finetune", c[1], "")) or c[1] == "cross-modal" for o, c in
+               zip(outs, commands))
+
+
 def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("keep")
     monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start
-    for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")]):
+    for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")], ["--out", "/proc/hcmoco-out"]):
         with pytest.raises(SystemExit) as e:
             finetune.main(["experiments", "--quick", "--out", str(tmp_path / "out"), *args])
         assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err
+
+
+def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "run_job", lambda job, threads, quiet: job)
+    jobs = [("finetune", finetune.Config(out="a")), ("finetune", finetune.Config(out="b"))]
+    experiments.run_jobs(jobs, 1, "fine-tuning")
+    assert capsys.readouterr().out.splitlines() == ["fine-tuning: 2 job(s), 1 at a time", "[1/2] finetune a",
+                                                    "[2/2] finetune b"]
 
 
 def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
@@ -140,8 +285,8 @@ def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "finetune.py", "--init", str(bad), "--out", str(tmp_path / "out")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {bad}: not a train.py checkpoint or an HRNet state_dict "
-                                                  "(not a PyTorch file of tensors and plain containers)"]
+    assert result.stderr.strip().splitlines() == [f"error: {bad}: not a train.py checkpoint, a finetune.py model.pt or an "
+                                                  "HRNet state_dict (not a PyTorch file of tensors and plain containers)"]
 
 
 @pytest.mark.parametrize("source,target", [("rgb", "depth"), ("depth", "rgb")])
@@ -200,10 +345,15 @@ def test_probe_reads_what_the_features_linearly_hold():
     assert good["miou"] > 60 and bad["miou"] < 15
 
 
-def test_probe_task_and_its_pixel_control(tmp_path):
+def test_probe_task_and_its_pixel_control(tmp_path, capsys):
     for init in ("scratch", "pixels"):
         m = finetune.main(["--task", "depth-probe", "--init", init, "--out", str(tmp_path / init), *TINY])
         assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
+        out = capsys.readouterr().out.splitlines()
+        assert [line.split(" ")[0] for line in out if line.startswith("[")] == ["[1/7]", "[2/7]", "[3/7]", "[4/7]",
+                                                                              "[5/7]", "[6/7]", "[7/7]"]
+        assert out[-1].startswith(f"depth-probe from {init}: mIoU {m['miou']:.2f} %") and "probe lr" in out[-1]
+        assert out[-1].endswith(f"wrote {tmp_path / init / 'metrics.json'}")  # a probe saves no model
     with pytest.raises(SystemExit):
         finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])
 

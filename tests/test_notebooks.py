@@ -22,6 +22,14 @@ def test_notebooks_are_stored_without_outputs():
         assert not stale, f"{name}: cells {stale} have stored outputs; clear them before committing"
 
 
+def test_notebook_trainings_pick_up_an_edited_option():
+    """A notebook trains into a fixed folder under runs/: after a reader edits an option and re-runs the cell, the
+    run must train again (--overwrite), not stop at the stage files the old options left there."""
+    cells = [c.source for name in NAMES for c in nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4).cells
+             if c.cell_type == "code" and "train.main(" in c.source]
+    assert len(cells) == 2 and all("--overwrite" in c for c in cells)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)

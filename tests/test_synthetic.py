@@ -1,4 +1,6 @@
-"""synthetic.py: determinism, cross-modal consistency, label coverage, flips, honest RGB."""
+"""synthetic.py: determinism, cross-modal consistency, label coverage, flips, honest RGB, the sheet command."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,21 @@ def test_bad_arguments_name_themselves():
         S.SyntheticHumans(2, domain="outdoor")
     with pytest.raises(IndexError):
         S.SyntheticHumans(2, SIZE)[2]
+
+
+@pytest.mark.parametrize("args,message", [(["--n", "0"], "--n must be positive, got 0"),
+                                          (["--size", "16"], "--size must be at least 32, got 16"),
+                                          (["--out", "{tmp}/sheet.bmpx"], ".bmpx is not an image type"),
+                                          (["--out", "{tmp}/sheet"], "no suffix to tell the image type"),
+                                          (["--out", "/proc/hcmoco/sheet.png"], "cannot make or write /proc/hcmoco")])
+def test_the_sheet_command_names_a_bad_option_before_rendering(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(S, "SyntheticHumans", None)  # nothing may be rendered
+    with pytest.raises(SystemExit) as e:
+        S.main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {args[0]} " in err and message in err
+
+
+def test_the_sheet_command_makes_its_folder(tmp_path):
+    S.main(["--out", str(tmp_path / "a" / "b" / "sheet.png"), "--n", "1", "--size", "40"])
+    assert (tmp_path / "a" / "b" / "sheet.png").stat().st_size > 1000 and os.listdir(tmp_path / "a" / "b") == ["sheet.png"]

@@ -1,9 +1,11 @@
 """train.py: the CLI, stage chaining, exact resume, the NaN guard, bad roots, and a 2-process torchrun run."""
+import dataclasses
 import errno
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -29,34 +31,51 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_help_lists_the_options():
+def test_help_lists_the_options_with_their_meaning_and_defaults():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     for option in ("--stage", "--preset", "--data", "--targets", "--epochs", "--steps", "--batch-size", "--lr", "--out",
                    "--resume", "--device", "--seed", "--workers"):
         assert option in out, option
+    assert set(train.cli.field_comments(train.Config)) == {f.name for f in dataclasses.fields(train.Config)}
+    words = " ".join(out.split())
+    for line in ("--lr LR the peak learning rate of each stage, on a cosine to 0 (default: 0.003, paper preset 0.03)",
+                 "--preset {auto,cpu,paper} the other options' defaults; auto: paper on a GPU, else cpu (default: auto)",
+                 "--heldout HELDOUT held-out people the monitors embed (default: 256)"):
+        assert line in words, line
+    lines = out.splitlines()  # the torchrun example keeps its two lines
+    k = next(i for i, line in enumerate(lines) if line.startswith("    torchrun --nproc_per_node 8 train.py"))
+    assert lines[k].endswith("\\") and lines[k + 1].startswith("        --backbone-init ")
 
 
-def test_two_stages_chain_and_log(tmp_path, capsys):
+def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     run(tmp_path, "--stage", "1", "--steps", "3", "--global-loss", "bank")
     s1 = weights(tmp_path / "stage1.pt")
     # a vanishing learning rate leaves stage 2's weights where stage 1 left them
-    run(tmp_path, "--stage", "2", "--steps", "2", "--lr", "1e-30", "--global-loss", "bank")
-    assert "reusing the finished" in capsys.readouterr().out
+    monkeypatch.setattr(train.cli, "cosine_lr", lambda *a, **kw: 1e-30)
+    run(tmp_path, "--stage", "2", "--steps", "3", "--global-loss", "bank")
+    out = capsys.readouterr().out
+    assert "reusing the finished" in out
     s2 = weights(tmp_path / "stage2.pt")
     for k in ("encoders.rgb.conv1.weight", "encoders.keypoints.input.gconv.W", "global_mappers.depth.weight"):
         torch.testing.assert_close(s2[k], s1[k])
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     # a row per step, and the monitors before the first update and after the last one (step = total)
-    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     assert {"loss", "global", "dense", "sparse"} <= set(rows[-2]) and "dense" not in rows[0]
     monitors = {"retrieval", "cos_rgb", "cos_depth", "cos_keypoints", "dense_acc", "dense_acc_other",
                 "conv_norm_rgb", "conv_cos_rgb", "conv_norm_depth", "conv_cos_depth"}
-    assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 6)) and not monitors & set(rows[1])
+    assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 7)) and not monitors & set(rows[1])
     assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
-    assert rows[4]["conv_cos_depth"] == 1.0 and rows[6]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
+    assert rows[4]["conv_cos_depth"] == 1.0 and rows[7]["conv_cos_depth"] == 1.0  # lr 1e-30: stage 2 did not
+    # each stage ends with a line of its monitors, those of the log's last row
+    for stage, r in ((1, rows[3]), (2, rows[7])):
+        assert (f"stage {stage} done after 3 steps: held-out RGB -> depth top-1 {100 * r['retrieval']:.1f} % among 8 "
+                f"people (chance 12.5 %), global cosine between people {r['cos_rgb']:.2f} (1 = collapsed), dense "
+                f"matching {100 * r['dense_acc']:.0f} % vs {100 * r['dense_acc_other']:.0f} % with another person's "
+                "depth (the positional control)") in out.splitlines()
     assert (tmp_path / "loss.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "stage2.pt", weights_only=True)
-    assert ckpt["done"] and ckpt["step"] == 2 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
+    assert ckpt["done"] and ckpt["step"] == 3 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
     assert "bank.bank_depth" in ckpt["model"] and "optimizer" in ckpt
     model = hcmoco.HCMoCo.from_checkpoint(tmp_path / "stage2.pt")
     torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
@@ -92,6 +111,93 @@ def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tm
         torch.testing.assert_close(a[k], b[k], msg=k)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]  # 4: the monitors after the last update
+
+
+def config(out):
+    return json.loads((out / "config.json").read_text())
+
+
+def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, capsys, monkeypatch):
+    """Stage 1 is shaped by every option but the run's management and stage 2's own; a stage file made with other
+    options is refused in one line naming them, unless --overwrite replaces it; config.json describes the stage
+    files beside it."""
+    a = run(tmp_path / "a", "--stage", "1", "--steps", "2")
+    s1 = weights(a / "stage1.pt")
+    # the experiment runner's pattern: stage 1 copied into another folder, stage 2 with other stage-2 options there
+    # (and other values of the options that only manage the run)
+    (tmp_path / "b").mkdir()
+    shutil.copy(a / "stage1.pt", tmp_path / "b" / "stage1.pt")
+    b = run(tmp_path / "b", "--stage", "2", "--steps", "2", "--targets", "global+hard", "--dense-points", "16",
+            "--eval-every", "5", "--log-every", "2", "--heldout", "4")
+    assert "stage 1: reusing the finished" in capsys.readouterr().out
+    torch.testing.assert_close(weights(b / "stage1.pt"), s1)
+    assert torch.load(b / "stage2.pt", weights_only=True)["done"] and config(b)["targets"] == "global+hard"
+    files = {p: p.read_bytes() for p in (b / "stage1.pt", b / "stage2.pt", b / "config.json", b / "log.jsonl")}
+    monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
+    for args, changed in ((["--targets", "global+soft"], "--targets global+hard -> global+soft"),
+                          (["--targets", "global+hard", "--lr", "0.1"], "--lr 0.003 -> 0.1"),
+                          (["--targets", "global+hard", "--width", "8"], "--width 4 -> 8")):
+        with pytest.raises(SystemExit) as e:
+            run(b, "--stage", "2", "--steps", "2", "--dense-points", "16", *args)
+        message = str(e.value.code)
+        stage = 2 if "targets" in changed else 1
+        assert message == (f"error: {b / f'stage{stage}.pt'} was trained with other options ({changed}): give another "
+                           "--out, or --overwrite to discard it")
+        assert {p: p.read_bytes() for p in files} == files
+    monkeypatch.undo()
+    run(b, "--stage", "2", "--steps", "2", "--targets", "global+hard", "--lr", "0.1", "--overwrite")
+    assert "reusing" not in capsys.readouterr().out
+    for stage in (1, 2):
+        ckpt = torch.load(b / f"stage{stage}.pt", weights_only=True)
+        assert ckpt["done"] and ckpt["config"]["train"]["lr"] == 0.1
+    assert config(b)["lr"] == 0.1 and config(b)["dense_points"] == 48
+    # a stage 1 trained again outdates the stage 2 beside it, even when this run stops at stage 1
+    with pytest.raises(SystemExit, match="stage1.pt was trained with other options \\(--lr 0.1 -> 0.003\\)"):
+        run(b, "--stage", "1", "--steps", "2")
+    run(b, "--stage", "1", "--steps", "2", "--overwrite")
+    assert not (b / "stage2.pt").exists() and config(b)["lr"] == 0.003
+    torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
+
+
+def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_options(tmp_path, capsys, monkeypatch):
+    out = run(tmp_path / "out", "--stage", "1", "--steps", "2")
+    ckpt = torch.load(out / "stage1.pt", weights_only=True)
+    torch.save(dict(ckpt, done=False, step=1), out / "stage1.pt")  # as a kill after step 1 leaves it
+    before = (out / "stage1.pt").read_bytes(), (out / "log.jsonl").read_bytes()
+    monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--steps", "2")
+    assert str(e.value.code) == (f"error: {out / 'stage1.pt'} is unfinished (step 1): continue it with --resume, or "
+                                 "train it again with --overwrite")
+    with pytest.raises(SystemExit) as e:
+        run(out, "--stage", "1", "--steps", "2", "--resume", "--lr", "0.1", "--batch-size", "2")
+    assert str(e.value.code) == (f"error: {out / 'stage1.pt'} was trained with other options (--batch-size 4 -> 2, "
+                                 "--lr 0.003 -> 0.1): give the same options to continue it, or give another --out, "
+                                 "or --overwrite to discard it")
+    assert ((out / "stage1.pt").read_bytes(), (out / "log.jsonl").read_bytes()) == before
+    capsys.readouterr()
+    for args, message in ((["--resume"], f"error: --resume: nothing to resume in {tmp_path / 'typo'} (no stage file)"),
+                          (["--resume", "--overwrite"], "error: --resume continues the stage files in --out")):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path / "typo", "--stage", "1", "--steps", "2", *args)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.undo()
+    run(out, "--stage", "1", "--steps", "2", "--resume")
+    assert torch.load(out / "stage1.pt", weights_only=True)["done"]
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path, monkeypatch, capsys):
+    """--resume would find nothing to continue: the printed command starts the run again instead."""
+    def ctrl_c(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "forward", ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--stage", "1", "--steps", "4")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and lines[-2] == "interrupted before the first checkpoint: nothing to continue; start " \
+                                                "again with"
+    assert shlex.split(lines[-1])[:2] == ["python", "train.py"] and "--resume" not in lines[-1]
 
 
 def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
@@ -179,6 +285,32 @@ def test_bad_values_are_usage_errors_naming_the_option_and_value(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_device_cuda_without_a_gpu_is_a_usage_error_before_a_preset_is_chosen(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "replace", None)  # no preset may be chosen for it
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "error: --device cuda: torch sees no GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mpii-root", "m"], "--mpii-root: --data synthetic does not read it"),
+    (["--data", "ntu+mpii", "--ntu-root", "n", "--mpii-root", "m", "--coco-root", "c"],
+     "--coco-root: --data ntu+mpii does not read it")])
+def test_a_dataset_root_the_data_does_not_read_is_a_usage_error(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_run_that_trains_other_than_its_options_suggest_is_warned_of(tmp_path, capsys):
+    run(tmp_path, "--stage", "1", "--steps", "1", "--warmup", "5", "--synthetic-samples", "4", "--batch-size", "8")
+    out = capsys.readouterr().out
+    assert "warning: a stage has 1 steps, fewer than --warmup 5: the learning rate never leaves the warm-up" in out
+    assert "warning: 4 pre-training samples, fewer than --batch-size 8: a batch holds people more than once" in out
+
+
 def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "run_stage", None)  # nothing may start
     file = tmp_path / "file"
@@ -188,16 +320,27 @@ def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, m
             run(out, "--steps", "1")
         assert e.value.code == 2 and f"error: --out {out}: {file} is a file" in capsys.readouterr().err
     assert file.read_text() == "keep"
+    # a folder that cannot be made (root may write to /proc, but not make folders there): found before any work
+    with pytest.raises(SystemExit) as e:
+        run("/proc/hcmoco-out", "--steps", "1")
+    assert e.value.code == 2 and ("error: --out /proc/hcmoco-out: cannot make it or write in it (" in
+                                  capsys.readouterr().err)
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo_trains_both_stages_without_warnings(tmp_path):
+    """Stage 2 starts from the stage1.pt that rank 0 has just written, on every rank; no rank prints a deprecation
+    warning or leaves a collective unwaited."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
-           *TINY, "--stage", "1", "--steps", "2", "--out", str(tmp_path)]
+           "--stage", "2", "--steps", "2", "--synthetic-samples", "16", "--batch-size", "8", "--heldout", "4",
+           "--workers", "0", "--image-size", "48", "--width", "4", "--preset", "cpu", "--out", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["stage1.pt"]
-    assert torch.load(tmp_path / "stage1.pt", weights_only=True)["step"] == 2
+    assert not re.search("FutureWarning|deprecated|unwaited", result.stderr), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["stage1.pt", "stage2.pt"]
+    for stage in (1, 2):
+        ckpt = torch.load(tmp_path / f"stage{stage}.pt", weights_only=True)
+        assert ckpt["done"] and ckpt["step"] == 2
 
 
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
@@ -250,6 +393,25 @@ def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, c
         assert not torch.equal(s1[f"encoders.{m}.conv1.weight"], official.conv1.weight)
     with pytest.raises(SystemExit):
         train.parse_args(["--backbone-init", str(tmp_path / "missing.pth")])
+
+
+def test_backbone_init_takes_a_stage_file_and_refuses_a_file_that_does_not_fill_the_hrnets(tmp_path):
+    """A stage file gives each HRNet its own modality's encoder; a file matching nothing is one line, not a run from
+    random weights."""
+    a = run(tmp_path / "a", "--stage", "1", "--steps", "1")
+    s1 = weights(a / "stage1.pt")
+    run(tmp_path / "b", "--stage", "1", "--steps", "1", "--lr", "1e-30", "--backbone-init", str(a / "stage1.pt"))
+    b = weights(tmp_path / "b" / "stage1.pt")
+    for m in ("rgb", "depth"):
+        for k in ("conv1.weight", "stage4.0.branches.3.0.conv2.weight"):
+            torch.testing.assert_close(b[f"encoders.{m}.{k}"], s1[f"encoders.{m}.{k}"])
+    assert not torch.equal(s1["encoders.rgb.conv1.weight"], s1["encoders.depth.conv1.weight"])
+    torch.save({"foo": torch.ones(3)}, tmp_path / "foo.pth")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "c", "--stage", "1", "--steps", "1", "--backbone-init", str(tmp_path / "foo.pth"))
+    assert re.fullmatch(f"error: {re.escape(str(tmp_path / 'foo.pth'))}: 0 of the HRNet's \\d+ weight tensors match .*"
+                        "the file has 'foo', the HRNet expects 'conv1.weight'.*prefix.*", str(e.value.code))
+    assert not (tmp_path / "c" / "stage1.pt").exists()
 
 
 class CodeModel(torch.nn.Module):
