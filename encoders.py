@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BN_MOMENTUM = 0.1  # as the official HRNet segmentation code
+BN_MOMENTUM = 0.01  # of the running statistics, as the published HRNet (official_hrnet.py)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -86,7 +86,7 @@ def make_blocks(block, cin, planes, n):
 
 class HighResolutionModule(nn.Module):
     """Parallel branches of BasicBlocks, then every branch i receives the sum of all branches j resampled to it:
-    j > i: 1x1 conv-BN then bilinear upsampling; j < i: (i - j) stride-2 3x3 convs; j == i: identity."""
+    j > i: 1x1 conv-BN then bilinear upsampling (align_corners=False, as published); j < i: (i - j) stride-2 3x3 convs; j == i: identity."""
 
     def __init__(self, channels, blocks):
         super().__init__()
@@ -112,7 +112,7 @@ class HighResolutionModule(nn.Module):
             y = xs[i]
             for j, fuse in enumerate(row):
                 if j > i:
-                    y = y + F.interpolate(fuse(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=True)
+                    y = y + F.interpolate(fuse(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
                 elif j < i:
                     y = y + fuse(xs[j])
             out.append(F.relu(y))
@@ -220,10 +220,11 @@ class HRNet(nn.Module):
 
 
 def merge_maps(maps):
-    """HRNetV2 representation: upsample the 4 maps to the 1/4 map's size (bilinear) and concatenate.
+    """HRNetV2 representation: upsample the 4 maps to the 1/4 map's size (bilinear, align_corners=False as the
+    published merge and fuse layers) and concatenate.
     [B,w,h,w'], [B,2w,..], [B,4w,..], [B,8w,..] -> [B, 15w, h, w']"""
     size = maps[0].shape[-2:]
-    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps[1:]], 1)
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]], 1)
 
 
 # ---------------------------------------------------------------------------------------------------------- SemGCN

@@ -35,6 +35,39 @@ def test_small_hrnet_shapes_and_every_parameter_gets_a_gradient(in_channels):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+def upsample_written_out(x, size):
+    """Bilinear resampling with pixel centres at (i + 0.5) * in / out - 0.5 (align_corners=False), borders clamped,
+    as a loop over the output pixels. x [C, h, w] -> [C, H, W]."""
+    (h, w), (H, W) = x.shape[-2:], size
+    out = torch.empty(x.shape[0], H, W)
+    for i in range(H):
+        for j in range(W):
+            y0, x0 = max((i + 0.5) * h / H - 0.5, 0.0), max((j + 0.5) * w / W - 0.5, 0.0)
+            r, c = min(int(y0), h - 1), min(int(x0), w - 1)
+            r1, c1 = min(r + 1, h - 1), min(c + 1, w - 1)
+            a, b = y0 - r, x0 - c
+            out[:, i, j] = ((1 - a) * (1 - b) * x[:, r, c] + (1 - a) * b * x[:, r, c1]
+                            + a * (1 - b) * x[:, r1, c] + a * b * x[:, r1, c1])
+    return out
+
+
+def test_hrnet_upsamples_and_averages_batch_statistics_as_published():
+    """The published HRNet: BatchNorm momentum 0.01; bilinear upsampling with align_corners=False in the fuse
+    layers and where the four branches are merged."""
+    net = E.HRNet.small(width=4).eval()
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    maps = [torch.randn(1, 4 * 2 ** k, 16 // 2 ** k, 12 // 2 ** k) for k in range(4)]
+    merged = E.merge_maps(maps)[0]  # [60, 16, 12]
+    expected = torch.cat([maps[0][0]] + [upsample_written_out(m[0], (16, 12)) for m in maps[1:]])
+    torch.testing.assert_close(merged, expected)
+    module = net.stage3[0]  # 3 branches: branch 0 receives branches 1 and 2 upsampled
+    xs = [torch.randn(1, 4 * 2 ** k, 16 // 2 ** k, 12 // 2 ** k) for k in range(3)]
+    with torch.no_grad():
+        ys = [branch(x) for branch, x in zip(module.branches, xs)]
+        fused = ys[0][0] + sum(upsample_written_out(module.fuse_layers[0][j](ys[j])[0], (16, 12)) for j in (1, 2))
+        torch.testing.assert_close(module(xs)[0][0], fused.relu())
+
+
 def test_load_pretrained_reports_and_skips_mismatches(tmp_path, capsys):
     src = E.HRNet.small(width=8)
     state = {"module." + k: v for k, v in src.state_dict().items()}
