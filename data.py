@@ -40,8 +40,13 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # COCO-17 -> MPII-16: the COCO index of each MPII joint; pelvis and thorax are midpoints, neck and head-top absent.
 COCO_TO_MPII = [16, 14, 12, 11, 13, 15, None, None, None, None, 10, 8, 6, 5, 7, 9]
 COCO_MIDPOINTS = {6: (11, 12), 7: (5, 6)}  # pelvis = hip midpoint, thorax = shoulder midpoint
-# Kinect v2 (25 joints, NTU RGB+D) -> MPII-16. head_top takes the Kinect head centre, the closest joint it has.
-KINECT_TO_MPII = [18, 17, 16, 12, 13, 14, 0, 20, 2, 3, 10, 9, 8, 4, 5, 6]
+# Kinect v2 (25 joints, NTU RGB+D) -> MPII-16, the Kinect index of each MPII joint. Kinect's depth and colour frames
+# (and the skeleton's depthX/Y, colorX/Y) are mirror images: a person facing the camera has their left shoulder on
+# the image's left, where MPII, labelling photographs, puts the right shoulder. So Kinect's left joints become
+# MPII's right ones, as in the published map (tests/test_data.py checks it on a recorded NTU RGB+D frame).
+# thorax = SpineShoulder (20, at shoulder height, as MPII's thorax; the published map takes SpineMid, 1);
+# head_top = the Kinect head centre, the closest joint it has.
+KINECT_TO_MPII = [14, 13, 12, 16, 17, 18, 0, 20, 2, 3, 6, 5, 4, 8, 9, 10]
 
 
 # ------------------------------------------------------------------------------------------------------ file I/O
