@@ -37,6 +37,10 @@ TARGETS = {"global": dict(dense="none", sparse=False),
            "global+soft": dict(dense="soft", sparse=False),
            "global+soft+sparse": dict(dense="soft", sparse=True)}
 PELVIS = JOINT_INDEX["pelvis"]  # the root of the keypoint normalisation
+# The keypoint GCN's graph as published (networks/SGCN/skeleton_meta.py): the MPII skeleton with both shoulders
+# hanging from the upper neck instead of the thorax.
+PUBLISHED_PARENTS = [JOINT_INDEX["upper_neck"] if j in (JOINT_INDEX["r_shoulder"], JOINT_INDEX["l_shoulder"]) else p
+                     for j, p in enumerate(PARENTS)]
 
 
 @dataclass
@@ -45,6 +49,9 @@ class HCMoCoConfig:
     width: int = 16  # of the small HRNet
     embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
+    # 'masked': shoulders from the thorax, invisible joints send no messages (SemGCN's visibility mask);
+    # 'published': PUBLISHED_PARENTS, and every joint sends, an invisible one from its input of 0
+    keypoint_graph: Literal["masked", "published"] = "masked"
     depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
     dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
     sparse: bool = True  # Eq. 6
@@ -100,10 +107,13 @@ def person_depth(depth, person):
 
 
 def normalized_keypoints(keypoints, visible):
-    """The keypoint GCN's input, as the published `normalize_joints_myway`: joints relative to the pelvis (MPII
+    """The keypoint GCN's input, after the published `normalize_joints_myway`: joints relative to the pelvis (MPII
     joint 6; the mean of the visible joints when the pelvis is not visible), divided by the largest absolute
     coordinate of a visible joint, so the input is invariant to a shift and a uniform scale of the image and
-    carries no absolute position in the crop. Invisible joints are 0 and take no part.
+    carries no absolute position in the crop. Invisible joints are 0 and take no part. The published function
+    takes the largest coordinate over all 16 joints, out-of-crop and unannotated ones included (MPII stores the
+    latter at (0, 0), far from the pelvis), and roots at the pelvis even when it is not annotated; invisible joints
+    carry no coordinates here (the readers zero them), so the scale comes from the visible ones.
     keypoints [B, J, 2] pixels, visible [B, J] bool -> [B, J, 2] in [-1, 1]."""
     vis = visible[..., None].to(keypoints.dtype)  # [B, J, 1]
     mean = (keypoints * vis).sum(1) / vis.sum(1).clamp(min=1)  # [B, 2]
@@ -138,7 +148,7 @@ class HCMoCo(nn.Module):
         else:
             depth = PointNet2(in_features=0, out_channels=sum(rgb.out_channels))
             depth_channels = depth.out_channels
-        keypoints = SemGCN(D, cfg.gcn_layers, parents=PARENTS)
+        keypoints = SemGCN(D, cfg.gcn_layers, parents=PARENTS if cfg.keypoint_graph == "masked" else PUBLISHED_PARENTS)
         self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=keypoints))
         C = {"rgb": sum(rgb.out_channels), "depth": depth_channels}
         self.global_mappers = nn.ModuleDict({m: nn.Linear(c, D) for m, c in
@@ -200,7 +210,8 @@ class HCMoCo(nn.Module):
         rows = present["keypoints"].nonzero().flatten()
         if len(rows):
             vis = batch["keypoints_visible"][rows]  # [b, J]
-            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), vis)  # [b, J, H]
+            mask = vis if self.cfg.keypoint_graph == "masked" else None
+            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), mask)  # [b, J, H]
             pooled = (h * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
             g = F.normalize(self.global_mappers["keypoints"](pooled), dim=-1)
             s = F.normalize(h, dim=-1)

@@ -55,6 +55,7 @@ class Config:
     coco_root: str | None = None
     targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
     depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
+    keypoint_graph: Literal["masked", "published"] = "masked"  # the keypoint GCN's (HCMoCoConfig.keypoint_graph)
     hrnet: Literal["small", "w18", "w32", "w48"] = "small"
     width: int = 16  # of the small HRNet
     init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
@@ -90,12 +91,12 @@ class Config:
 
 PRESETS = {
     "cpu": Config(),
-    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
-    # 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
-    # published augmentation (build_dataset)
-    "paper": Config(preset="paper", hrnet="w18", image_size=320, synthetic_samples=65536, cache=False,
-                    global_loss="bank", num_negatives=16384, dense_points=400, tau=0.07, epochs=100, batch_size=224,
-                    optimizer="sgd", lr=0.03, warmup=0, eval_every=500),
+    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine
+    # schedule, 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
+    # published augmentation (build_dataset) and keypoint graph
+    "paper": Config(preset="paper", hrnet="w18", keypoint_graph="published", image_size=320, synthetic_samples=65536,
+                    cache=False, global_loss="bank", num_negatives=16384, dense_points=400, tau=0.07, epochs=100,
+                    batch_size=224, optimizer="sgd", lr=0.03, warmup=0, eval_every=500),
 }
 
 
@@ -212,10 +213,11 @@ def model_config(cfg, stage, bank_size):
     """The HCMoCo model of a stage: stage 1 trains the sample-level term alone, stage 2 the Table 3 row
     cfg.targets; one memory-bank entry per pre-training sample."""
     return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
-                        **TARGETS["global" if stage == 1 else cfg.targets], lambda_global=cfg.lambda_global,
-                        lambda_dense=cfg.lambda_dense, lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init,
-                        global_loss=cfg.global_loss, num_negatives=cfg.num_negatives, momentum=cfg.momentum,
-                        bank_size=bank_size, dense_points=cfg.dense_points)
+                        keypoint_graph=cfg.keypoint_graph, **TARGETS["global" if stage == 1 else cfg.targets],
+                        lambda_global=cfg.lambda_global, lambda_dense=cfg.lambda_dense,
+                        lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init, global_loss=cfg.global_loss,
+                        num_negatives=cfg.num_negatives, momentum=cfg.momentum, bank_size=bank_size,
+                        dense_points=cfg.dense_points)
 
 
 def gather_all(t):

@@ -110,6 +110,29 @@ def test_normalized_keypoints_are_pelvis_relative_and_scale_free():
     torch.testing.assert_close(hcmoco.normalized_keypoints(far, vis), out)
 
 
+def test_published_keypoint_graph_hangs_the_shoulders_from_the_neck_and_lets_invisible_joints_talk():
+    """keypoint_graph='published' (networks/SGCN): shoulders connect to the upper neck, not the thorax, and an
+    invisible joint is a joint with input 0 that passes messages like any other. So hiding a joint equals
+    showing it at the pelvis (offset 0, the same input); under 'masked' hiding it also silences it."""
+    J = synthetic.JOINT_INDEX
+    batch = batch_of()
+    batch["keypoints_visible"][:] = True
+    shown = {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in batch.items()}
+    shown["keypoints"][:, J["l_wrist"]] = shown["keypoints"][:, hcmoco.PELVIS]
+    hidden = {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in shown.items()}
+    hidden["keypoints_visible"][:, J["l_wrist"]] = False
+    for graph, same in (("published", True), ("masked", False)):
+        torch.manual_seed(0)
+        model = tiny(keypoint_graph=graph).eval()
+        adjacency = model.encoders["keypoints"].input.gconv.adjacency
+        neck = J["upper_neck"] if graph == "published" else J["thorax"]
+        for shoulder, elbow in (("r_shoulder", "r_elbow"), ("l_shoulder", "l_elbow")):
+            assert adjacency[J[shoulder]].nonzero().flatten().tolist() == sorted([J[shoulder], J[elbow], neck])
+        with torch.no_grad():
+            a, b = (model.embed(x)["sparse"]["keypoints"] for x in (shown, hidden))
+        assert torch.allclose(a, b, atol=1e-6) == same, graph
+
+
 def test_joint_features_are_sampled_where_the_joints_are():
     """A map whose value is the image x-coordinate of each cell's centre returns each keypoint's own x."""
     H = W = 32
