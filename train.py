@@ -77,6 +77,9 @@ class Config:
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = 3e-3
     warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
+    # 'step': a cosine over the steps down to 0; 'epoch': as published, constant within epoch e = 1..E at
+    # lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2 with lr_min = lr x 1e-3 (learning_rate)
+    lr_schedule: Literal["step", "epoch"] = "step"
     eval_every: int = 64  # steps between held-out monitors
     heldout: int = 256  # held-out people the monitors embed
     out: str = "runs/hcmoco"
@@ -91,12 +94,12 @@ class Config:
 
 PRESETS = {
     "cpu": Config(),
-    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine
+    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with the per-epoch cosine
     # schedule, 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
     # published augmentation (build_dataset) and keypoint graph
     "paper": Config(preset="paper", hrnet="w18", keypoint_graph="published", image_size=320, synthetic_samples=65536,
                     cache=False, global_loss="bank", num_negatives=16384, dense_points=400, tau=0.07, epochs=100,
-                    batch_size=224, optimizer="sgd", lr=0.03, warmup=0, eval_every=500),
+                    batch_size=224, optimizer="sgd", lr=0.03, warmup=0, lr_schedule="epoch", eval_every=500),
 }
 
 
@@ -218,6 +221,16 @@ def model_config(cfg, stage, bank_size):
                         lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init, global_loss=cfg.global_loss,
                         num_negatives=cfg.num_negatives, momentum=cfg.momentum, bank_size=bank_size,
                         dense_points=cfg.dense_points)
+
+
+def learning_rate(cfg, step, total, steps_per_epoch):
+    """The learning rate of `step` of a stage of `total` steps, under cfg.lr_schedule and the linear warm-up over
+    the first cfg.warmup steps."""
+    if cfg.lr_schedule == "step":
+        return cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+    epoch, epochs = step // steps_per_epoch + 1, math.ceil(total / steps_per_epoch)  # 1-based, as published
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    return warm * cli.cosine_lr(cfg.lr, epoch, epochs, floor=cfg.lr * 1e-3)
 
 
 def gather_all(t):
@@ -350,7 +363,8 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     path = os.path.join(cfg.out, f"stage{stage}.pt")
-    total = cfg.steps or cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = resume(path, model, optimizer, device) if cfg.resume else 0
@@ -373,7 +387,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     t0 = time.time()
     with tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True) as bar:
         for step, batch in zip(range(start, total), loader):
-            lr = cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+            lr = learning_rate(cfg, step, total, per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             measured = monitors(model, heldout, initial) if lead and step % cfg.eval_every == 0 else {}

@@ -1,6 +1,7 @@
 """train.py: the CLI, stage chaining, exact resume, the NaN guard, bad roots, and a 2-process torchrun run."""
 import errno
 import json
+import math
 import os
 import re
 import shlex
@@ -220,9 +221,26 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
 def test_paper_preset_has_the_published_resolution_and_augmentation():
     cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
     assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
+    assert train.model_config(cfg, 2, 8).keypoint_graph == "published"
+    assert train.model_config(train.PRESETS["cpu"], 2, 8).keypoint_graph == "masked"
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert [p.transform.recipe for p in train.build_dataset(cpu).datasets] == ["cpu", "cpu"]
+
+
+def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path):
+    """As published (learning/base_trainer.py, --cosine): constant within an epoch; epoch e = 1..E at
+    lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2, lr_min = lr x 1e-3, so the last epoch runs at lr_min."""
+    assert (train.PRESETS["paper"].lr_schedule, train.PRESETS["cpu"].lr_schedule) == ("epoch", "step")
+    cfg, E, per_epoch = train.PRESETS["paper"], 100, 7
+    lrs = [train.learning_rate(cfg, step, E * per_epoch, per_epoch) for step in range(E * per_epoch)]
+    for e in range(1, E + 1):
+        expected = 3e-5 + (0.03 - 3e-5) * (1 + math.cos(math.pi * e / E)) / 2
+        assert lrs[(e - 1) * per_epoch:e * per_epoch] == pytest.approx([expected] * per_epoch)
+    assert lrs[-1] == pytest.approx(3e-5)
+    run(tmp_path, "--stage", "1", "--epochs", "2", "--lr", "0.01", "--lr-schedule", "epoch")  # 3 steps an epoch
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([(0.01 + 1e-5) / 2] * 3 + [1e-5] * 3)
 
 
 def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, capsys):
