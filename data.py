@@ -107,7 +107,8 @@ class MPII(SkipBad, torch.utils.data.Dataset):
     A square person-centred crop of side 1.25 * 200 * scale around center. RGB and keypoints; no depth.
     Joints with joints_vis 0, and joints that leave the crop, are not visible."""
 
-    LAYOUT = "  <root>/annot/{split}.json  (list of {image, center, scale, joints, joints_vis})\n  <root>/images/<image>"
+    LAYOUT = ("  <root>/annot/{split}.json  (list of {image, center, scale, joints, joints_vis}; train.py's "
+              "--mpii-split names the split)\n  <root>/images/<image>")
 
     def __init__(self, root, split="train", image_size=256, skip_bad=False):
         path = require(os.path.join(root, "annot", f"{split}.json"), self.LAYOUT)
@@ -228,14 +229,15 @@ class NTURGBD(SkipBad, torch.utils.data.Dataset):
         <root>/nturgb+d_skeletons/<name>.skeleton
         <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png    (uint16 millimetres, background 0)
         <root>/rgb/<name>/%05d.jpg
-    Every `stride`-th frame with a tracked body is an item; the first body is used. Registration: the colour
+    Every `stride`-th frame with a tracked body is an item (1 in 30 as published: 143,648 frames of NTU RGB+D 60);
+    the first body is used. Registration: the colour
     frame is resampled onto the depth pixel grid with the per-frame fit of `fit_color_to_depth`; then a square
     person-centred crop (1.25 x the skeleton's extent in the depth frame) is resized to image_size."""
 
     LAYOUT = ("  <root>/nturgb+d_skeletons/<name>.skeleton\n  <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png\n"
               "  <root>/rgb/<name>/%05d.jpg")
 
-    def __init__(self, root, image_size=256, stride=10, skip_bad=False):
+    def __init__(self, root, image_size=256, stride=30, skip_bad=False):
         skel_dir = require(os.path.join(root, "nturgb+d_skeletons"), self.LAYOUT)
         require(os.path.join(root, "nturgb+d_depth_masked"), self.LAYOUT)
         require(os.path.join(root, "rgb"), self.LAYOUT)
@@ -371,11 +373,16 @@ class ITOP(torch.utils.data.Dataset):
 class MixedDataset(torch.utils.data.Dataset):
     """Concatenation of heterogeneous datasets. `index` becomes dataset-wide (each dataset's items are offset by the
     sizes of those before it), the memory bank's key; each item keeps its `present` mask. A key (i, seed) reaches
-    the part as (local i, seed), so parts that are `Transformed` keep their seeded augmentation."""
+    the part as (local i, seed), so parts that are `Transformed` keep their seeded augmentation.
+    `weights` [N] (StepBatches draws items with replacement in proportion to them): with balanced=True each item
+    weighs 1 / its part's size, so every part is drawn equally often, as the published loader draws NTU RGB+D and
+    MPII (or COCO) 50/50; None (uniform permutations) otherwise."""
 
-    def __init__(self, datasets):
+    def __init__(self, datasets, balanced=False):
         self.datasets = list(datasets)
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        self.weights = torch.cat([torch.full((len(d),), 1 / len(d), dtype=torch.float64) for d in self.datasets]) \
+            if balanced else None
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -615,35 +622,53 @@ class Transformed(torch.utils.data.Dataset):
 PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intrinsics", "present", "index")
 
 
+PRETRAIN_SOURCES = ("synthetic", "synthetic+mpii", "mpii", "ntu+mpii", "ntu+coco")
+
+
 def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_samples=4096, seed=0, cache=False,
-                    workers=0, ntu_root="", mpii_root="", coco_root=""):
+                    workers=0, ntu_root="", mpii_root="", coco_root="", mpii_split="train"):
     """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set, each under its own
-    PairedTransform recipe (the published ones: 'ntu', 'mpii'). source 'synthetic': the synthetic stand-ins, 3/4
-    'indoor' with depth (seed) and 1/4 'wild' without (seed + 1), rendered once into memory with cache=True (by
-    `workers` processes); 'ntu+mpii' / 'ntu+coco': the real readers, which raise FileNotFoundError naming a missing
-    root. Items are indexed by (index, augmentation seed)."""
+    PairedTransform recipe (the published ones: 'ntu', 'mpii'). source
+      'synthetic'       the synthetic stand-ins, 3/4 'indoor' with depth (seed) and 1/4 'wild' without (seed + 1),
+                        concatenated (drawn in proportion to their sizes)
+      'synthetic+mpii'  synthetic 'indoor' people (all modalities) and real MPII (RGB + keypoints), drawn 50/50
+      'mpii'            real MPII alone (RGB + keypoints)
+      'ntu+mpii', 'ntu+coco'   the published mixtures, drawn 50/50 (MixedDataset(balanced=True))
+    The synthetic people are rendered once into memory with cache=True (by `workers` processes); the real readers
+    raise FileNotFoundError naming a missing root or file; MPII reads root/annot/{mpii_split}.json. Items are
+    indexed by (index, augmentation seed)."""
+    if source not in PRETRAIN_SOURCES:
+        raise ValueError(f"source must be one of {PRETRAIN_SOURCES}, got {source!r}")
+    n = synthetic_samples
     if source == "synthetic":
-        n = synthetic_samples
         parts = [synthetic.SyntheticHumans(n - n // 4, image_size, seed=seed, domain="indoor"),
                  synthetic.SyntheticHumans(n // 4, image_size, seed=seed + 1, domain="wild", with_depth=False)]
-        if cache:
-            parts = [Cached(p, PRETRAIN_KEYS, workers) for p in parts]
+    elif source == "synthetic+mpii":
+        parts = [synthetic.SyntheticHumans(n, image_size, seed=seed, domain="indoor"),
+                 MPII(mpii_root, mpii_split, image_size)]
+    elif source == "mpii":
+        parts, recipes = [MPII(mpii_root, mpii_split, image_size)], recipes[1:]
     else:
-        parts = [NTURGBD(ntu_root, image_size), MPII(mpii_root, "train", image_size) if source == "ntu+mpii"
+        parts = [NTURGBD(ntu_root, image_size), MPII(mpii_root, mpii_split, image_size) if source == "ntu+mpii"
                  else COCOKeypoints(coco_root, "train2017", image_size)]
-    return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)])
+    if cache:
+        parts = [Cached(p, PRETRAIN_KEYS, workers) if isinstance(p, synthetic.SyntheticHumans) else p for p in parts]
+    return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)],
+                        balanced=source in ("synthetic+mpii", "ntu+mpii", "ntu+coco"))
 
 
 # --------------------------------------------------------------------------------------------------------- batches
 class StepBatches(torch.utils.data.Sampler):
     """Batches of (index, augmentation seed) for steps start..stop-1. Step k takes items [k G, (k + 1) G) of an
-    endless stream of seeded permutations of the dataset (G = global batch); rank r takes the r-th slice. The
-    data of a step depends only on (seed, k), so resuming, the number of workers and the number of ranks do not
-    change what the model sees."""
+    endless stream of seeded epochs of n items (G = global batch); rank r takes the r-th slice. An epoch is a
+    permutation of the dataset, or with `weights` [n] n draws with replacement in proportion to them (the
+    published WeightedRandomSampler). The data of a step depends only on (seed, k), so resuming, the number of
+    workers and the number of ranks do not change what the model sees."""
 
-    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
+    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1, weights=None):
         self.n, self.G, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
-        self.rank, self.local = rank, global_batch // world
+        self.rank, self.local, self.weights = rank, global_batch // world, weights
+        self.epoch = (None, None)  # (number, its items): the epoch last drawn
 
     def __len__(self):
         return self.stop - self.start
@@ -655,8 +680,11 @@ class StepBatches(torch.utils.data.Sampler):
 
     def item(self, p):
         epoch, offset = divmod(p, self.n)
-        g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
-        return int(torch.randperm(self.n, generator=g)[offset])
+        if self.epoch[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
+            self.epoch = (epoch, torch.randperm(self.n, generator=g) if self.weights is None
+                          else torch.multinomial(self.weights, self.n, replacement=True, generator=g))
+        return int(self.epoch[1][offset])
 
 
 def to_device(batch, device):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 import cli
 import data
 import synthetic
+from data import PRETRAIN_SOURCES
 from encoders import CheckpointError, HRNet, load_checkpoint
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig
 
@@ -49,9 +50,10 @@ class Config:
     16 x 16 grid, drawn with replacement."""
     stage: Literal[1, 2] = 2  # train up to this stage
     preset: Literal["auto", "cpu", "paper"] = "cpu"  # --preset auto (the default): paper on a GPU, cpu otherwise
-    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"
+    data: Literal[PRETRAIN_SOURCES] = "synthetic"  # data.pretraining_set
     ntu_root: str | None = None
     mpii_root: str | None = None
+    mpii_split: str = "train"  # MPII reads <mpii-root>/annot/<split>.json (train.json as published)
     coco_root: str | None = None
     targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
     depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
@@ -112,7 +114,8 @@ def parse_args(argv=None):
     preset = given.pop("preset", "auto")
     preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)
     cfg = replace(PRESETS[preset], device=device, **given)
-    roots = {"synthetic": (), "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
+    roots = {"synthetic": (), "synthetic+mpii": ("mpii_root",), "mpii": ("mpii_root",),
+             "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
     cli.check(parser, [
         *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
@@ -138,7 +141,7 @@ def build_dataset(cfg):
     recipe otherwise."""
     return data.pretraining_set(cfg.data, cfg.image_size, ("ntu", "mpii") if cfg.preset == "paper" else ("cpu", "cpu"),
                                 cfg.synthetic_samples, cfg.seed, cfg.cache, cfg.workers, cfg.ntu_root, cfg.mpii_root,
-                                cfg.coco_root)
+                                cfg.coco_root, cfg.mpii_split)
 
 
 def heldout_batch(image_size, n):
@@ -337,8 +340,9 @@ def for_device(model, cfg, device, rank, world):
 
 def batches(cfg, dataset, stage, start, total, rank, world, device):
     """The stage's batches for steps start..total-1 (data.StepBatches: what a step sees depends on the seed and the
-    step only)."""
-    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + STAGE_SEED * stage, start, total, rank, world)
+    step only), drawn in proportion to the dataset's `weights` when it has them (MixedDataset)."""
+    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + STAGE_SEED * stage, start, total, rank, world,
+                               getattr(dataset, "weights", None))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                                        collate_fn=data.collate, pin_memory=device.type == "cuda",
                                        generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG

@@ -387,3 +387,52 @@ def test_cached_items_equal_the_rendered_ones_with_the_kept_keys():
         cached = data.Cached(people, ("rgb", "depth", "present", "index"), workers=workers)
         assert len(cached) == 5 and set(cached[3]) == {"rgb", "depth", "present", "index"}
         assert torch.equal(cached[3]["depth"], people[3]["depth"]) and cached[3]["index"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ the published mix
+def test_weighted_steps_draw_each_part_half_the_time_with_replacement_and_resume_exactly():
+    """MixedDataset(balanced=True) + StepBatches: items drawn in proportion to 1 / their part's size (the published
+    WeightedRandomSampler, with replacement): a part of 30 and one of 270 each give half the draws; repeats within
+    an epoch; what a step sees depends on (seed, step) alone, whatever the start, ranks or the epoch drawn before."""
+    mixed = data.MixedDataset([list(range(30)), list(range(270))], balanced=True)
+    torch.testing.assert_close(mixed.weights[[0, 29, 30, 299]].float(), torch.tensor([1 / 30, 1 / 30, 1 / 270, 1 / 270]))
+    whole = [[i for i, _ in b] for b in data.StepBatches(300, 20, 5, 0, 60, weights=mixed.weights)]
+    drawn = torch.tensor(whole).flatten()
+    assert abs((drawn < 30).float().mean().item() - 0.5) < 0.05
+    assert len(set(drawn[:300].tolist())) < 250  # one epoch of 300 draws repeats items
+    resumed = [[i for i, _ in b] for b in data.StepBatches(300, 20, 5, 37, 60, weights=mixed.weights)]
+    assert resumed == whole[37:]
+    halves = [list(data.StepBatches(300, 20, 5, 10, 12, rank, 2, weights=mixed.weights)) for rank in (0, 1)]
+    assert [[i for i, _ in a + b] for a, b in zip(*halves)] == whole[10:12]
+    assert data.MixedDataset([list(range(3))]).weights is None
+
+
+def test_ntu_reader_takes_one_frame_in_thirty(tmp_path):
+    """The published pre-training reads 1 NTU RGB+D frame in 30 (143,648 frames of NTU RGB+D 60)."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "nturgb+d_skeletons").mkdir()
+    for sub in ("nturgb+d_depth_masked", "rgb"):
+        (tmp_path / sub).mkdir()
+    write_skeleton(tmp_path / "nturgb+d_skeletons" / "S001C001P001R001A001.skeleton",
+                   [[("1", random_joints(rng))] for _ in range(61)])
+    assert [t for _, t, _ in data.NTURGBD(tmp_path).items] == [0, 30, 60]
+
+
+def test_real_data_sources_mix_halves_and_the_synthetic_default_keeps_its_proportions():
+    """'synthetic+mpii' and 'mpii' on the real MPII samples (only annot/valid.json ships: the split is an
+    argument); the synthetic default stays a plain concatenation, 3/4 with depth."""
+    mpii = str(REAL_SAMPLES / "mpii")
+    mixed = data.pretraining_set("synthetic+mpii", 64, synthetic_samples=12, mpii_root=mpii, mpii_split="valid")
+    assert [len(p) for p in mixed.datasets] == [12, 5] and mixed.weights is not None
+    depth = torch.tensor([mixed[(i, 0)]["present"]["depth"] for i in range(17)])
+    assert depth.tolist() == [True] * 12 + [False] * 5
+    steps = data.StepBatches(17, 8, 0, 0, 50, weights=mixed.weights)
+    from_mpii = torch.tensor([i >= 12 for batch in steps for i, _ in batch]).float().mean().item()
+    assert abs(from_mpii - 0.5) < 0.08
+    alone = data.pretraining_set("mpii", 64, mpii_root=mpii, mpii_split="valid")
+    assert len(alone) == 5 and alone.weights is None and not alone[(0, 0)]["present"]["depth"]
+    assert alone[(0, 0)]["present"]["rgb"] and alone[(0, 0)]["keypoints_visible"].any()
+    default = data.pretraining_set("synthetic", 64, synthetic_samples=12)
+    assert [len(p) for p in default.datasets] == [9, 3] and default.weights is None
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        data.pretraining_set("mpii", 64, mpii_root=mpii)  # train.json, the published split, does not ship

@@ -13,7 +13,7 @@ import torch
 
 import hcmoco
 import train
-from conftest import BAD_CHECKPOINTS, write_bad_checkpoint
+from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, write_bad_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
@@ -226,6 +226,20 @@ def test_paper_preset_has_the_published_resolution_and_augmentation():
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert [p.transform.recipe for p in train.build_dataset(cpu).datasets] == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("source", ["synthetic+mpii", "mpii"])
+def test_pretraining_on_the_real_mpii_samples(tmp_path, source):
+    """--data synthetic+mpii (real MPII without depth, mixed by masking with synthetic people) and --data mpii run
+    on the real MPII files that ship; they hold annot/valid.json only, so --mpii-split valid."""
+    mpii = ["--data", source, "--mpii-root", str(REAL_SAMPLES / "mpii"), "--mpii-split", "valid"]
+    with pytest.raises(SystemExit, match="train.json"):  # the published split by default
+        run(tmp_path / "default", *mpii[:4], "--stage", "1", "--steps", "1")
+    run(tmp_path, *mpii, "--stage", "2", "--steps", "2", "--lambda-dense", "0")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if "loss" in r] == [1, 1, 2, 2]
+    assert all(math.isfinite(r["loss"]) and r["global"] > 0 for r in rows if "loss" in r)
+    assert json.loads((tmp_path / "config.json").read_text())["mpii_split"] == "valid"
 
 
 def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path):
