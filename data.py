@@ -466,8 +466,12 @@ class PairedTransform:
               +-translate of the image about the image centre, a horizontal flip with probability `flip` (keypoint
               slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: flip_sample), colour jitter on RGB.
               The CPU preset's and fine-tuning's choice (README, "Departures").
-      'ntu'   the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the frame's,
-              centred at a uniform point of the visible joints' bounding box; no rotation, flip or colour jitter.
+      'ntu'   after the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the area
+              of the sample's frame (square: for NTURGBD, its person crop of 1.25 x the skeleton's extent), zero-
+              padded where it leaves the frame (areas above 1 shrink the person), centred at a uniform point of the
+              visible joints' bounding box; no rotation, flip or colour jitter. The published crop is of the
+              512 x 424 depth frame, and torchvision's RandomResizedCrop redraws squares that do not fit, so its
+              area is U(0.08, 0.83) x the frame's (side 132-424 px).
       'mpii'  the published MPII / COCO augmentation, about the centre of the reader's person crop: scale
               clip(N(1, 0.25), 0.75, 1.25), rotation clip(N(0, 30), -60, 60) deg with probability 0.6; no flip,
               no colour jitter.

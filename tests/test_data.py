@@ -329,8 +329,8 @@ def affine_params(transform, sample, seed):
 
 
 def test_ntu_recipe_is_one_crop_around_the_joints_without_flip_rotation_or_jitter():
-    """The published NTU RGB+D augmentation: a square crop of area 0.08-1.2 x the frame, centred inside the visible
-    joints' box, the same for every modality; no flip, no rotation, no colour jitter."""
+    """After the published NTU RGB+D augmentation: a square crop of area 0.08-1.2 x the sample's frame, centred
+    inside the visible joints' box, the same for every modality; no flip, no rotation, no colour jitter."""
     s = synthetic.SyntheticHumans(1, 64, seed=3)[0]
     t = data.PairedTransform(64, recipe="ntu")
     vis = s["keypoints_visible"]
