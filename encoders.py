@@ -409,30 +409,53 @@ def three_nn_interpolate(xyz, src_xyz, src_feats, eps=1e-8):
 
 
 class PointNet2(nn.Module):
-    """PointNet++ (Qi et al., 2017) segmentation-style encoder: 3 multi-scale set abstractions, 3 feature
-    propagations back to every input point. Radii are in the units of the points (metres for depth clouds).
+    """PointNet++ (Qi et al., 2017) in its segmentation form: set abstractions with multi-scale grouping (level k:
+    npoints[k] centres, one ball query and shared MLP per radius of radii[k], the scales concatenated), then feature
+    propagations back to every input point (fp_mlps[k]: the MLP that lands on level k, 0 = the input points).
+    Radii are in the units of the points (metres for depth clouds).
+
+    The default is the published configuration (networks/pointnet2_msg.py): 4 levels of 4,096 -> 1,024 -> 256 -> 64
+    centres with radii 0.025-1.0 m, 16 and 32 neighbours, 96 -> 256 -> 512 -> 1,024 channels, propagated back to
+    128 channels per point; `PointNet2.small()` is the CPU configuration.
 
     points [B, N, 3], feats [B, N, in_features] or None, valid [B, N] bool or None -> [B, out_channels, N]."""
 
-    def __init__(self, in_features=0, out_channels=128, npoints=(512, 128, 32), radii=((0.05, 0.1), (0.1, 0.2),
-                 (0.2, 0.4)), nsamples=(16, 32), width=32):
+    def __init__(self, in_features=0, npoints=(4096, 1024, 256, 64),
+                 radii=((0.025, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.0)), nsamples=(16, 32),
+                 sa_mlps=(((16, 32), (32, 64)), ((64, 128), (64, 128)), ((128, 256), (128, 256)),
+                          ((256, 512), (256, 512))),
+                 fp_mlps=((128, 128), (256, 256), (512, 512), (512, 512))):
         super().__init__()
+        self.sa = nn.ModuleList()
+        skips = [in_features]  # channels of the points at each level
+        for npoint, r, mlps in zip(npoints, radii, sa_mlps):
+            self.sa.append(SetAbstraction(npoint, r, nsamples, skips[-1], mlps))
+            skips.append(self.sa[-1].out_channels)
+        fp, below = [], skips[-1]
+        for k in reversed(range(len(npoints))):  # from level k + 1 onto level k
+            fp.insert(0, FeaturePropagation(below + skips[k], fp_mlps[k]))
+            below = fp_mlps[k][-1]
+        self.fp = nn.ModuleList(fp)
+        self.out_channels = fp_mlps[0][-1]
+
+    @classmethod
+    def small(cls, in_features=0, width=32, out_channels=128, npoints=(512, 128, 32)):
+        """The CPU configuration: 3 levels, radii 0.05-0.4 m, widths from `width`."""
         w = width
-        self.sa1 = SetAbstraction(npoints[0], radii[0], nsamples, in_features, [[w, w, 2 * w], [w, w, 2 * w]])
-        self.sa2 = SetAbstraction(npoints[1], radii[1], nsamples, self.sa1.out_channels, [[2 * w, 4 * w]] * 2)
-        self.sa3 = SetAbstraction(npoints[2], radii[2], nsamples, self.sa2.out_channels, [[4 * w, 8 * w]] * 2)
-        self.fp3 = FeaturePropagation(self.sa3.out_channels + self.sa2.out_channels, [8 * w, 8 * w])
-        self.fp2 = FeaturePropagation(8 * w + self.sa1.out_channels, [8 * w, 4 * w])
-        self.fp1 = FeaturePropagation(4 * w + in_features, [4 * w, out_channels])
-        self.out_channels = out_channels
+        return cls(in_features, npoints, radii=((0.05, 0.1), (0.1, 0.2), (0.2, 0.4)), nsamples=(16, 32),
+                   sa_mlps=([[w, w, 2 * w]] * 2, [[2 * w, 4 * w]] * 2, [[4 * w, 8 * w]] * 2),
+                   fp_mlps=([4 * w, out_channels], [8 * w, 4 * w], [8 * w, 8 * w]))
 
     def forward(self, points, feats=None, valid=None):
-        x1, f1 = self.sa1(points, feats, valid)
-        x2, f2 = self.sa2(x1, f1)
-        x3, f3 = self.sa3(x2, f2)
-        f2 = self.fp3(x2, x3, f2, f3)
-        f1 = self.fp2(x1, x2, f1, f2)
-        return self.fp1(points, x1, feats, f1).transpose(1, 2)  # [B, C, N]
+        xyz, f = [points], [feats]
+        for k, sa in enumerate(self.sa):
+            x, g = sa(xyz[-1], f[-1], valid if k == 0 else None)  # later levels' centres are valid points
+            xyz.append(x)
+            f.append(g)
+        g = f[-1]
+        for k in reversed(range(len(self.fp))):
+            g = self.fp[k](xyz[k], xyz[k + 1], f[k], g)
+        return g.transpose(1, 2)  # [B, C, N]
 
 
 def back_project(u, v, z, intrinsics):
@@ -451,23 +474,3 @@ def depth_to_points(depth, intrinsics):
                           torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
     z = depth.reshape(B, H * W)
     return back_project(u.reshape(1, -1), v.reshape(1, -1), z, intrinsics), z > 0
-
-
-def points_to_map(feats, pixels, valid, image_size, size):
-    """Scatter per-point features onto a dense map, averaging the points that fall into each cell; empty cells
-    are 0. This is how the PointNet++ variant yields a pixel-aligned map for the dense loss.
-    feats [B, C, N], pixels [B, N, 2] (x, y) in an image of `image_size` (H, W), valid [B, N] -> [B, C, h, w]."""
-    B, C, N = feats.shape
-    (H, W), (h, w) = image_size, size
-    col = (pixels[..., 0] * w / W).long().clamp(0, w - 1)
-    row = (pixels[..., 1] * h / H).long().clamp(0, h - 1)
-    cell = (row * w + col).masked_fill(~valid, h * w)  # [B, N]; invalid points go to a dump cell
-    total = feats.new_zeros(B, C, h * w + 1).scatter_add_(2, cell[:, None].expand(B, C, N), feats)
-    count = feats.new_zeros(B, 1, h * w + 1).scatter_add_(2, cell[:, None], torch.ones_like(feats[:, :1]))
-    return (total / count.clamp(min=1))[..., :h * w].reshape(B, C, h, w)
-
-
-def pixel_grid(H, W, device=None):
-    """[H*W, 2] (x, y) coordinates of every pixel, in the order depth_to_points flattens them."""
-    v, u = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
-    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1).float()

@@ -144,8 +144,25 @@ def test_three_nn_interpolation_reproduces_source_values():
     torch.testing.assert_close(E.three_nn_interpolate(src, src, f), f, atol=1e-4, rtol=1e-4)
 
 
+def test_pointnet2_default_is_the_published_configuration():
+    """networks/pointnet2_msg.py: 4 multi-scale levels 4,096 -> 64 centres, radii 0.025-1.0, MLPs of Conv + BN +
+    ReLU, 4 propagations back to 128 channels per point."""
+    net = E.PointNet2()
+    assert [sa.npoint for sa in net.sa] == [4096, 1024, 256, 64] and [sa.nsamples for sa in net.sa] == [(16, 32)] * 4
+    assert [sa.radii for sa in net.sa] == [(0.025, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.0)]
+    widths = [[[c.out_channels for c in mlp if isinstance(c, torch.nn.Conv2d)] for mlp in sa.mlps] for sa in net.sa]
+    assert widths == [[[16, 32], [32, 64]], [[64, 128], [64, 128]], [[128, 256], [128, 256]], [[256, 512], [256, 512]]]
+    assert [sa.mlps[0][0].in_channels for sa in net.sa] == [3, 96 + 3, 256 + 3, 512 + 3]  # + the relative xyz
+    fp = [[(c.in_channels, c.out_channels) for c in f.mlp if isinstance(c, torch.nn.Conv1d)] for f in net.fp]
+    assert fp == [[(256, 128), (128, 128)], [(512 + 96, 256), (256, 256)], [(512 + 256, 512), (512, 512)],
+                  [(1024 + 512, 512), (512, 512)]]
+    assert net.out_channels == 128
+    assert all(isinstance(m[k + 1], torch.nn.BatchNorm1d) and isinstance(m[k + 2], torch.nn.ReLU)
+               for f in net.fp for m in [f.mlp] for k in range(0, len(m), 3))
+
+
 def test_pointnet2_shapes_and_gradients():
-    net = E.PointNet2(in_features=1, out_channels=16, npoints=(32, 16, 8), width=4)
+    net = E.PointNet2.small(in_features=1, out_channels=16, npoints=(32, 16, 8), width=4)
     pts = torch.rand(2, 100, 3)
     out = net(pts, pts[..., 2:], valid=torch.rand(2, 100) > 0.2)
     assert out.shape == (2, 16, 100)
@@ -153,17 +170,10 @@ def test_pointnet2_shapes_and_gradients():
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_depth_to_points_and_back_to_a_map():
+def test_depth_to_points_back_projects_every_pixel():
     K = torch.tensor([[[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]]])
     depth = torch.zeros(1, 1, 6, 8)
     depth[0, 0, 1, 2] = 2.0
     pts, valid = E.depth_to_points(depth, K)
     assert valid.sum() == 1
     torch.testing.assert_close(pts[0, 1 * 8 + 2], torch.tensor([(2 - 4) * 2 / 10, (1 - 3) * 2 / 10, 2.0]))
-    feats = torch.arange(48.0).view(1, 1, 48)
-    grid = E.pixel_grid(6, 8)[None]
-    full = E.points_to_map(feats, grid, torch.ones(1, 48, dtype=torch.bool), (6, 8), (3, 4))
-    # each 2x2 cell averages its 4 pixels
-    torch.testing.assert_close(full[0, 0, 0, 0], torch.tensor((0 + 1 + 8 + 9) / 4))
-    only = E.points_to_map(feats, grid, valid, (6, 8), (3, 4))
-    assert only[0, 0, 0, 1] == 10.0 and only.count_nonzero() == 1

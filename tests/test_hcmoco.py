@@ -227,12 +227,47 @@ def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
     assert results["global+hard"] != results["global+soft"]
 
 
+def small_pointnet(**kw):
+    model = tiny(depth_encoder="pointnet", **kw)
+    model.encoders["depth"] = hcmoco.PointNet2.small(npoints=(64, 32, 16), width=4)  # smaller still, for speed
+    return model
+
+
 def test_pointnet_depth_encoder_variant():
-    model = tiny(depth_encoder="pointnet", pointnet_points=256)
-    model.encoders["depth"] = hcmoco.PointNet2(out_channels=60, npoints=(64, 32, 16), width=4)  # small, for speed
+    model = small_pointnet(pointnet_points=256)
     loss, terms = model(batch_of())
     loss.backward()
-    assert terms["dense"] > 0 and model.encoders["depth"].fp1.mlp[0].weight.grad.abs().sum() > 0
+    assert terms["dense"] > 0 and model.encoders["depth"].fp[0].mlp[0].weight.grad.abs().sum() > 0
+    assert model.dense_mappers["depth"][0].weight.grad.abs().sum() > 0
+
+
+def test_pointnet_features_reach_every_pixel_from_the_nearest_points():
+    """As published: points drawn with replacement from the person's depth pixels; the pooled features are the
+    mean over the drawn points; the dense map gives every pixel of the 1/4 grid the mapped features of its 3
+    nearest drawn points (off the person at the person's mean depth). With two person pixels A and B every grid
+    pixel takes A's or B's features, whichever is nearer in 3D."""
+    class Coordinates(torch.nn.Module):  # features that tell points apart (PointNet++ sees relative xyz only)
+        def forward(self, points, valid):
+            return points.transpose(1, 2).repeat(1, 43, 1)[:, :128]  # [B, 128, n]
+
+    model = small_pointnet(pointnet_points=64).eval()
+    model.encoders["depth"] = Coordinates()
+    depth, person = torch.zeros(1, 1, SIZE, SIZE), torch.zeros(1, 1, SIZE, SIZE, dtype=torch.bool)
+    (ya, xa), (yb, xb) = (8, 12), (37, 41)  # in the 1/4 grid's cells (2, 3) and (9, 10); no grid pixel ties
+    for y, x in ((ya, xa), (yb, xb)):
+        depth[0, 0, y, x], person[0, 0, y, x] = 2.0, True
+    K = torch.tensor([[[50.0, 0, 24], [0, 50.0, 24], [0, 0, 1]]])
+    seen = []
+    model.encoders["depth"].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        pooled, dense = model.pointnet_features(depth, person, K)
+    torch.testing.assert_close(pooled, seen[0].mean(dim=2))
+    a, b = dense[0, :, ya // 4, xa // 4], dense[0, :, yb // 4, xb // 4]
+    assert not torch.allclose(a, b)
+    xy = torch.stack(torch.meshgrid(torch.arange(12.0) * 4, torch.arange(12.0) * 4, indexing="ij"), -1)  # (y, x)
+    nearer_a = (xy - torch.tensor([ya, xa])).norm(dim=-1) < (xy - torch.tensor([yb, xb])).norm(dim=-1)  # all at 2 m
+    expected = torch.where(nearer_a, a[:, None, None], b[:, None, None])  # [D, 12, 12]
+    torch.testing.assert_close(dense[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_config_names_the_option():
