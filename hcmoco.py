@@ -60,7 +60,9 @@ class HCMoCoConfig:
     lambda_sparse: float = 1.0
     tau: float = 0.07
     init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
-    global_loss: Literal["bank", "batch"] = "bank"  # Eq. 2's negatives: the memory bank (as published) or in-batch
+    # the sample-level term: Eq. 2 against the memory bank (as published) or in-batch; or 'mmv', the MMV baseline's
+    # fine-and-coarse objective (losses.fine_and_coarse_loss) in its place
+    global_loss: Literal["bank", "batch", "mmv"] = "bank"
     num_negatives: int = 16384
     momentum: float = 0.5
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
@@ -159,6 +161,8 @@ class HCMoCo(nn.Module):
         self.dense_mappers = nn.ModuleDict(dict(rgb=nn.Conv2d(C["rgb"], D, 1), depth=depth_mapper))
         if cfg.global_loss == "bank":
             self.bank = losses.MemoryBank(cfg.bank_size, D, MODALITIES, cfg.num_negatives, cfg.momentum, cfg.tau)
+        if cfg.global_loss == "mmv":
+            self.fine_to_coarse = nn.Linear(D, D)  # MMV's g_{va->vat}: RGB's global embedding into the coarse space
 
     # ------------------------------------------------------------------------------------------------ features
     def features(self, batch, modality, rows=None):
@@ -253,8 +257,13 @@ class HCMoCo(nn.Module):
         if gather is not None:
             feats = {m: gather(f) for m, f in feats.items()}
             present, index = {m: gather(p) for m, p in present.items()}, gather(index)
-        terms = {"global": self.bank(feats, index, present) if cfg.global_loss == "bank"
-                 else losses.batch_contrastive_loss(feats, present, cfg.tau)}
+        if cfg.global_loss == "bank":
+            terms = {"global": self.bank(feats, index, present)}
+        elif cfg.global_loss == "batch":
+            terms = {"global": losses.batch_contrastive_loss(feats, present, cfg.tau)}
+        else:  # the global embeddings of RGB and depth are MMV's fine space, those of the keypoints its coarse one
+            coarse = {"rgb": F.normalize(self.fine_to_coarse(feats["rgb"]), dim=-1), "keypoints": feats["keypoints"]}
+            terms = {"global": losses.fine_and_coarse_loss(feats, coarse, present, cfg.tau)}
         if cfg.dense != "none":
             terms["dense"] = self.dense_term(emb["dense"], batch)
         if cfg.sparse:

@@ -65,7 +65,7 @@ class Config:
     image_size: int = 64
     synthetic_samples: int = 4096
     cache: bool = True  # render the synthetic set once into memory
-    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives
+    global_loss: Literal["bank", "batch", "mmv"] = "batch"  # Eq. 2's negatives, or the MMV baseline in its place
     num_negatives: int = 256  # drawn from the memory bank
     momentum: float = 0.5  # of the memory bank
     dense_points: int = 48  # per image

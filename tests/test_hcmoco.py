@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import data
 import hcmoco
+import losses
 import synthetic
 
 SIZE = 48
@@ -268,6 +269,19 @@ def test_pointnet_features_reach_every_pixel_from_the_nearest_points():
     nearer_a = (xy - torch.tensor([ya, xa])).norm(dim=-1) < (xy - torch.tensor([yb, xb])).norm(dim=-1)  # all at 2 m
     expected = torch.where(nearer_a, a[:, None, None], b[:, None, None])  # [D, 12, 12]
     torch.testing.assert_close(dense[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mmv_baseline_replaces_eq2_with_fine_and_coarse_nce():
+    """global_loss='mmv': the sample-level term is losses.fine_and_coarse_loss on the global embeddings (RGB and
+    depth fine, keypoints coarse, RGB projected into the coarse space by a learnt linear map); it trains."""
+    model = tiny(targets="global", global_loss="mmv")
+    batch = batch_of()
+    loss, terms = model(batch)
+    emb = model.embed(batch)["global"]
+    coarse = {"rgb": F.normalize(model.fine_to_coarse(emb["rgb"]), dim=-1), "keypoints": emb["keypoints"]}
+    torch.testing.assert_close(terms["global"], losses.fine_and_coarse_loss(emb, coarse, batch["present"], 0.07))
+    loss.backward()
+    assert model.fine_to_coarse.weight.grad.abs().sum() > 0 and not hasattr(model, "bank")
 
 
 def test_bad_config_names_the_option():

@@ -242,6 +242,11 @@ def test_pretraining_on_the_real_mpii_samples(tmp_path, source):
     assert json.loads((tmp_path / "config.json").read_text())["mpii_split"] == "valid"
 
 
+def test_the_mmv_baseline_is_a_sample_level_loss_of_both_stages():
+    cfg = train.parse_args(["--global-loss", "mmv", "--device", "cpu"])
+    assert train.model_config(cfg, 1, 8).global_loss == train.model_config(cfg, 2, 8).global_loss == "mmv"
+
+
 def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path):
     """As published (learning/base_trainer.py, --cosine): constant within an epoch; epoch e = 1..E at
     lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2, lr_min = lr x 1e-3, so the last epoch runs at lr_min."""
