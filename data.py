@@ -341,9 +341,14 @@ class ITOP(torch.utils.data.Dataset):
     """ITOP side view (Haque et al., 2016): root/ITOP_side_{split}_depth_map.h5 (`data` [N,240,320] metres) and
     root/ITOP_side_{split}_labels.h5 (`real_world_coordinates` [N,15,3] metres, `image_coordinates` [N,15,2],
     `visible_joints` [N,15], `is_valid` [N], `segmentation` [N,240,320] with -1 off the person). Items are valid
-    frames with depth, the person mask (segmentation >= 0) and joints3d in ITOP's 15-joint order (head, neck, r/l
-    shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot), in ITOP's real-world frame. Needs h5py,
-    imported here only."""
+    frames with depth, the person mask (segmentation >= 0), joints3d in ITOP's 15-joint order (head, neck, r/l
+    shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot) and the intrinsics. ITOP's real-world frame
+    has y up; joints3d are in the camera frame of docs/conventions.md, (x, -y, z), which the intrinsics of ITOP's
+    projection, u = 160 + x / (0.0035 z), v = 120 - y / (0.0035 z) (the published A2J code's world2pixel), map
+    to the image. Needs h5py, imported here only."""
+
+    JOINTS = 15
+    INTRINSICS = torch.tensor([[1 / 0.0035, 0, 160], [0, 1 / 0.0035, 120], [0, 0, 1]])
 
     def __init__(self, root, split="train"):
         try:
@@ -353,7 +358,7 @@ class ITOP(torch.utils.data.Dataset):
         layout = "  <root>/ITOP_side_{split}_depth_map.h5\n  <root>/ITOP_side_{split}_labels.h5"
         with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_labels.h5"), layout), "r") as f:
             valid = np.asarray(f["is_valid"]).astype(bool)
-            self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32)
+            self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32) * [1, -1, 1]
             self.visible = np.asarray(f["visible_joints"])[valid].astype(bool)
             self.mask = np.asarray(f["segmentation"])[valid] >= 0
         with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_depth_map.h5"), layout), "r") as f:
@@ -364,7 +369,7 @@ class ITOP(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return dict(depth=torch.from_numpy(self.depth[i])[None], mask=torch.from_numpy(self.mask[i]),
-                    joints3d=torch.from_numpy(self.joints3d[i]),
+                    joints3d=torch.from_numpy(self.joints3d[i]).float(), intrinsics=self.INTRINSICS.clone(),
                     joints_visible=torch.from_numpy(self.visible[i]),
                     present={"rgb": False, "depth": True, "keypoints": False}, index=i)
 

@@ -18,7 +18,8 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
 
 Data: synthetic by default, labelled splits with their own seeds (train 100, test 200), disjoint from the
 pre-training samples (seeds 0 and 1 in train.py); `--ratio` keeps a uniformly spaced subset of the training set,
-as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets.
+as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real datasets, with
+--itop-root depth-pose reads ITOP's side view (train and test; its 15 joints).
 Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), or an external
 HRNet state_dict (e.g. ImageNet weights).
 """
@@ -190,6 +191,7 @@ def dense_pose_loss(out, batch):
 # ------------------------------------------------------------------------------------------------------- tasks
 H36M = ("h36m_root", data.Human36MParts)  # a real labelled set: the option that gives its root, its reader
 NTU = ("ntu_parsing_root", data.NTURGBDParsing)
+ITOP = ("itop_root", data.ITOP)
 
 
 class Task(NamedTuple):
@@ -208,7 +210,8 @@ class Task(NamedTuple):
 TASKS = {
     "rgb-parsing": Task("finetune", "rgb", SegHead, parsing_loss, segmentation_metrics, "parts", real=(H36M, NTU)),
     "depth-parsing": Task("finetune", "depth", SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
-    "depth-pose": Task("finetune", "depth", PoseHead, pose_loss, pose_metrics, "joints3d", camera_frame=True),
+    "depth-pose": Task("finetune", "depth", PoseHead, pose_loss, pose_metrics, "joints3d", camera_frame=True,
+                       real=(ITOP,)),
     "dense-pose": Task("finetune", "rgb", DensePoseHead, dense_pose_loss, dense_pose_scores, "iuv"),
     "cross-modal": Task("versatile", None, SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
     "missing-modal": Task("versatile", None, SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
@@ -240,6 +243,7 @@ class Config:
     test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
     h36m_root: str = ""
     ntu_parsing_root: str = ""
+    itop_root: str = ""  # depth-pose on ITOP's side view (its train and test splits) instead of synthetic people
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     workers: int = 2
@@ -252,6 +256,9 @@ def parse_args(argv=None):
     probe = TASKS[cfg.task].kind == "probe"
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
+    # the real labelled sets: (option, root given, whether the task reads it)
+    real = [(f"--{o.replace('_', '-')}", getattr(cfg, o), o in dict(TASKS[cfg.task].real))
+            for o, _ in (H36M, NTU, ITOP)]
     cli.check(parser, [
         (0 < cfg.ratio <= 1, "--ratio must be in (0, 1]"),
         (cfg.init in ("scratch", "pixels") or os.path.exists(cfg.init),
@@ -259,6 +266,8 @@ def parse_args(argv=None):
         (cfg.init != "pixels" or probe,
          "--init pixels (the probe's control) only goes with --task rgb-probe / depth-probe"),
         (cfg.source != cfg.target, "--source and --target must be rgb and depth, one each"),
+        *[(os.path.isdir(root), f"{name}: {root} is not a folder") for name, root, _ in real if root],
+        *[(fits, f"{name} does not go with --task {cfg.task}") for name, root, fits in real if root],
         *cli.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples")),
         (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more, got {cfg.weight_decay}"),
         (cfg.subset >= 0, f"--subset must be 0 or more, got {cfg.subset}"),
@@ -307,7 +316,10 @@ class Finetuner(nn.Module):
         super().__init__()
         self.task = TASKS[cfg.task]
         self.backbone, self.report = load_backbone(cfg.init, self.task.modality, scratch_config(cfg))
-        self.head = self.task.head(sum(self.backbone.out_channels))
+        # ITOP labels its own 15 joints; the synthetic people MPII's 16
+        joints = {"joints": data.ITOP.JOINTS if cfg.itop_root else len(synthetic.JOINT_NAMES)} \
+            if self.task.head is PoseHead else {}
+        self.head = self.task.head(sum(self.backbone.out_channels), **joints)
 
     def features(self, batch):
         return merge_maps(self.backbone(backbone_input(batch, self.task.modality)))
@@ -650,7 +662,7 @@ def main(argv=None):
         return experiments.main(argv[1:])
     try:
         return run(parse_args(argv))
-    except CheckpointError as e:  # --init
+    except (CheckpointError, FileNotFoundError, ImportError) as e:  # --init, a dataset's files, h5py for ITOP
         raise SystemExit(f"error: {e}")
 
 

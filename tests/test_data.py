@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import data
 import synthetic
-from conftest import REAL_SAMPLES, ROOT
+from conftest import REAL_SAMPLES, ROOT, write_itop
 
 J = synthetic.JOINT_INDEX
 
@@ -308,6 +308,26 @@ def test_itop_without_h5py_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match="pip install h5py"):
         data.ITOP(tmp_path)
+
+
+def test_itop_reads_the_official_files_into_the_camera_frame(tmp_path):
+    """Valid frames only; joints3d in the camera frame (y down) with intrinsics that project them onto ITOP's
+    image coordinates, before and after the paired resize; the mask is the segmentation's person."""
+    written = write_itop(tmp_path, "train", 4)
+    itop = data.ITOP(tmp_path, "train")
+    assert len(itop) == 3
+    for i in range(3):
+        s = itop[i]
+        assert s["present"] == {"rgb": False, "depth": True, "keypoints": False} and s["joints3d"].shape == (15, 3)
+        torch.testing.assert_close(s["depth"][0], torch.from_numpy(written["depth"][i].astype(np.float32)))
+        assert torch.equal(s["mask"], torch.from_numpy(written["segmentation"][i] >= 0))
+        p = s["joints3d"] @ s["intrinsics"].T
+        torch.testing.assert_close(p[:, :2] / p[:, 2:], torch.from_numpy(written["image"][i]).float(), atol=1e-3,
+                                   rtol=0)
+        out = data.PairedTransform(64, train=False)(s)
+        p = out["joints3d"] @ out["intrinsics"].T
+        expected = (torch.from_numpy(written["image"][i]).float() + 0.5) * torch.tensor([64 / 320, 64 / 240]) - 0.5
+        torch.testing.assert_close(p[:, :2] / p[:, 2:], expected, atol=1e-3, rtol=0)
 
 
 def test_list_readers_name_malformed_lines(tmp_path):
