@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BN_MOMENTUM = 0.01  # of the running statistics, as the published HRNet (official_hrnet.py)
+BN_MOMENTUM = 0.01  # of the HRNet's BatchNorm running statistics, as published (official_hrnet.py)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -35,7 +35,7 @@ def load_checkpoint(path, expected="a checkpoint", keys=(), map_location="cpu"):
 # ----------------------------------------------------------------------------------------------------------- HRNet
 def conv_bn(cin, cout, kernel, stride=1, relu=True):
     """Conv (no bias) + BN (+ ReLU) as an nn.Sequential, so state_dict keys read `.0.weight`, `.1.weight`."""
-    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, momentum=BN_MOMENTUM)]
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
@@ -45,9 +45,9 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
     def forward(self, x):
@@ -62,11 +62,11 @@ class Bottleneck(nn.Module):
     def __init__(self, cin, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
 
     def forward(self, x):
@@ -79,8 +79,7 @@ class Bottleneck(nn.Module):
 def make_blocks(block, cin, planes, n):
     """n blocks; the first one projects cin -> planes * expansion with a 1x1 conv-BN `downsample` when needed."""
     cout = planes * block.expansion
-    down = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                                  nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+    down = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
     return nn.Sequential(block(cin, planes, downsample=down), *[block(cout, planes) for _ in range(n - 1)])
 
 
@@ -126,19 +125,20 @@ class HRNet(nn.Module):
     transition1, stage2 (2 branches), transition2, stage3 (3 branches), transition3, stage4 (4 branches), stage k
     made of `modules[k-2]` HighResolutionModules of `blocks` BasicBlocks per branch.
     Output: 4 maps at 1/4, 1/8, 1/16, 1/32 of the input with `out_channels` = width x (1, 2, 4, 8) channels.
+    `bn_momentum`: of every BatchNorm's running statistics (the published 0.01 by default).
 
     The published HRNet-W18 is the default (9,562,260 parameters); `HRNet.small()` is the same family made
     narrow and shallow for CPU training.
     """
 
     def __init__(self, width=18, in_channels=3, stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3),
-                 init="official"):
+                 init="official", bn_momentum=BN_MOMENTUM):
         super().__init__()
         self.out_channels = [width, 2 * width, 4 * width, 8 * width]
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
         self.conv2 = nn.Conv2d(stem_channels, stem_channels, 3, 2, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(stem_channels)
         self.layer1 = make_blocks(Bottleneck, stem_channels, stem_channels, stem_blocks)
         pre = [stem_channels * Bottleneck.expansion]
         for k, n_modules in zip((2, 3, 4), modules):
@@ -146,6 +146,9 @@ class HRNet(nn.Module):
             setattr(self, f"transition{k - 1}", self._transition(pre, cur))
             setattr(self, f"stage{k}", nn.Sequential(*[HighResolutionModule(cur, blocks) for _ in range(n_modules)]))
             pre = cur
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         self._init_weights(init)
 
     @staticmethod
@@ -176,10 +179,10 @@ class HRNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def small(cls, in_channels=3, width=16, init="official"):
+    def small(cls, in_channels=3, width=16, init="official", bn_momentum=BN_MOMENTUM):
         """The CPU configuration: same architecture family, 1 BasicBlock per branch, 1 module per stage."""
         return cls(width=width, in_channels=in_channels, stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1),
-                   init=init)
+                   init=init, bn_momentum=bn_momentum)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))

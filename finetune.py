@@ -49,9 +49,9 @@ KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv"
 PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 TRAIN_SEED, TEST_SEED = 100, 200
 # A scratch model is the one train.py's CPU preset starts from: a memory bank of one entry per pre-training sample
-# (its synthetic_samples) drawing its num_negatives; the numbers are copied so that fine-tuning does not import the
-# training script
-SCRATCH_BANK_SIZE, SCRATCH_NEGATIVES = 4096, 256
+# (its synthetic_samples) drawing its num_negatives, its HRNets' bn_momentum; the numbers are copied so that
+# fine-tuning does not import the training script
+SCRATCH_BANK_SIZE, SCRATCH_NEGATIVES, SCRATCH_BN_MOMENTUM = 4096, 256, 0.1
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -281,7 +281,8 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------------- models
 def scratch_config(cfg):
     """The model configuration of a scratch init: the CPU preset's, with the --scratch-init HRNet init."""
-    return HCMoCoConfig(init=cfg.scratch_init, bank_size=SCRATCH_BANK_SIZE, num_negatives=SCRATCH_NEGATIVES)
+    return HCMoCoConfig(init=cfg.scratch_init, bank_size=SCRATCH_BANK_SIZE, num_negatives=SCRATCH_NEGATIVES,
+                        bn_momentum=SCRATCH_BN_MOMENTUM)
 
 
 def backbone_input(batch, modality):

@@ -60,6 +60,7 @@ class HCMoCoConfig:
     lambda_sparse: float = 1.0
     tau: float = 0.07
     init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
+    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics, as published
     # the sample-level term: Eq. 2 against the memory bank (as published) or in-batch; or 'mmv', the MMV baseline's
     # fine-and-coarse objective (losses.fine_and_coarse_loss) in its place
     global_loss: Literal["bank", "batch", "mmv"] = "bank"
@@ -78,17 +79,18 @@ class HCMoCoConfig:
     @classmethod
     def from_dict(cls, values):
         """The config saved in a checkpoint; one written before the switches were typed names its Table 3 row in
-        a 'targets' string."""
+        a 'targets' string, and one written before bn_momentum was an option has none."""
         values = dict(values)
         if "targets" in values:
             values.update(TARGETS[values.pop("targets")])
+        values.setdefault("bn_momentum", 0.1)  # what the HRNets trained with before it was an option
         return cls(**values)
 
 
 def build_hrnet(cfg, in_channels=3):
     if cfg.hrnet == "small":
-        return HRNet.small(in_channels, cfg.width, init=cfg.init)
-    return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init)
+        return HRNet.small(in_channels, cfg.width, init=cfg.init, bn_momentum=cfg.bn_momentum)
+    return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init, bn_momentum=cfg.bn_momentum)
 
 
 def depth_input(depth, person):

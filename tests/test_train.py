@@ -7,10 +7,12 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
+import finetune
 import hcmoco
 import train
 from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, write_bad_checkpoint
@@ -245,6 +247,18 @@ def test_pretraining_on_the_real_mpii_samples(tmp_path, source):
 def test_the_mmv_baseline_is_a_sample_level_loss_of_both_stages():
     cfg = train.parse_args(["--global-loss", "mmv", "--device", "cpu"])
     assert train.model_config(cfg, 1, 8).global_loss == train.model_config(cfg, 2, 8).global_loss == "mmv"
+
+
+def test_batchnorm_momentum_is_the_published_one_but_in_the_cpu_preset():
+    """The paper preset's HRNets average their BatchNorm statistics with momentum 0.01, as published; the CPU
+    preset keeps 0.1 (measured: README), and so do checkpoints saved before the option and fine-tuning's scratch."""
+    def momenta(cfg):
+        return {m.momentum for m in hcmoco.build_hrnet(replace(cfg, hrnet="small", width=4)).modules()
+                if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta(train.model_config(train.PRESETS["paper"], 1, 8)) == {0.01}
+    assert momenta(train.model_config(train.PRESETS["cpu"], 1, 8)) == {0.1}
+    assert hcmoco.HCMoCoConfig().bn_momentum == 0.01 and hcmoco.HCMoCoConfig.from_dict({}).bn_momentum == 0.1
+    assert momenta(finetune.scratch_config(finetune.Config())) == {0.1}
 
 
 def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path):
