@@ -182,7 +182,7 @@ def bench_encoders():
     cases = [("HRNet-W18 256x256", HRNet(18), image(3, 256), 2 if DEVICE.type == "cpu" else 56),
              ("HRNet.small 96x96 (CPU preset)", HRNet.small(), image(3, 96), 16),
              ("HRNet.small 128x128", HRNet.small(), image(3, 128), 16),
-             ("PointNet2 4,096 points", PointNet2(), lambda b: torch.rand(b, 4096, 3, device=DEVICE), 4),
+             ("PointNet2.small 4,096 points", PointNet2.small(), lambda b: torch.rand(b, 4096, 3, device=DEVICE), 4),
              ("SemGCN 16 joints", SemGCN(parents=synthetic.PARENTS),
               lambda b: (torch.rand(b, 16, 2, device=DEVICE),), 256)]
     rows = []

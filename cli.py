@@ -120,10 +120,11 @@ def use_bf16(precision, device):
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
-def cosine_lr(base, step, total, warmup=0):
-    """The learning rate of `step` in [0, total): a linear warm-up over the first `warmup` steps times a half-cosine
-    from base to 0, base * min(1, (step + 1) / warmup) * (1 + cos(pi step / total)) / 2."""
-    return base * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * step / total))
+def cosine_lr(base, step, total, warmup=0, floor=0.0):
+    """The learning rate of `step` in [0, total]: a linear warm-up over the first `warmup` steps times a half-cosine
+    from base down to floor, min(1, (step + 1) / warmup) * (floor + (base - floor) (1 + cos(pi step / total)) / 2)."""
+    cosine = 0.5 * (1 + math.cos(math.pi * step / total))
+    return min(1.0, (step + 1) / max(warmup, 1)) * (floor + (base - floor) * cosine)
 
 
 def save_atomic(obj, path):

@@ -42,8 +42,13 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # COCO-17 -> MPII-16: the COCO index of each MPII joint; pelvis and thorax are midpoints, neck and head-top absent.
 COCO_TO_MPII = [16, 14, 12, 11, 13, 15, None, None, None, None, 10, 8, 6, 5, 7, 9]
 COCO_MIDPOINTS = {6: (11, 12), 7: (5, 6)}  # pelvis = hip midpoint, thorax = shoulder midpoint
-# Kinect v2 (25 joints, NTU RGB+D) -> MPII-16. head_top takes the Kinect head centre, the closest joint it has.
-KINECT_TO_MPII = [18, 17, 16, 12, 13, 14, 0, 20, 2, 3, 10, 9, 8, 4, 5, 6]
+# Kinect v2 (25 joints, NTU RGB+D) -> MPII-16, the Kinect index of each MPII joint. Kinect's depth and colour frames
+# (and the skeleton's depthX/Y, colorX/Y) are mirror images: a person facing the camera has their left shoulder on
+# the image's left, where MPII, labelling photographs, puts the right shoulder. So Kinect's left joints become
+# MPII's right ones, as in the published map (tests/test_data.py checks it on a recorded NTU RGB+D frame).
+# thorax = SpineShoulder (20, at shoulder height, as MPII's thorax; the published map takes SpineMid, 1);
+# head_top = the Kinect head centre, the closest joint it has.
+KINECT_TO_MPII = [14, 13, 12, 16, 17, 18, 0, 20, 2, 3, 6, 5, 4, 8, 9, 10]
 
 
 # ------------------------------------------------------------------------------------------------------ file I/O
@@ -104,7 +109,8 @@ class MPII(SkipBad, torch.utils.data.Dataset):
     A square person-centred crop of side 1.25 * 200 * scale around center. RGB and keypoints; no depth.
     Joints with joints_vis 0, and joints that leave the crop, are not visible."""
 
-    LAYOUT = "  <root>/annot/{split}.json  (list of {image, center, scale, joints, joints_vis})\n  <root>/images/<image>"
+    LAYOUT = ("  <root>/annot/{split}.json  (list of {image, center, scale, joints, joints_vis}; train.py's "
+              "--mpii-split names the split)\n  <root>/images/<image>")
 
     def __init__(self, root, split="train", image_size=256, skip_bad=False):
         path = require(os.path.join(root, "annot", f"{split}.json"), self.LAYOUT)
@@ -225,14 +231,15 @@ class NTURGBD(SkipBad, torch.utils.data.Dataset):
         <root>/nturgb+d_skeletons/<name>.skeleton
         <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png    (uint16 millimetres, background 0)
         <root>/rgb/<name>/%05d.jpg
-    Every `stride`-th frame with a tracked body is an item; the first body is used. Registration: the colour
+    Every `stride`-th frame with a tracked body is an item (1 in 30 as published: 143,648 frames of NTU RGB+D 60);
+    the first body is used. Registration: the colour
     frame is resampled onto the depth pixel grid with the per-frame fit of `fit_color_to_depth`; then a square
     person-centred crop (1.25 x the skeleton's extent in the depth frame) is resized to image_size."""
 
     LAYOUT = ("  <root>/nturgb+d_skeletons/<name>.skeleton\n  <root>/nturgb+d_depth_masked/<name>/MDepth-%08d.png\n"
               "  <root>/rgb/<name>/%05d.jpg")
 
-    def __init__(self, root, image_size=256, stride=10, skip_bad=False):
+    def __init__(self, root, image_size=256, stride=30, skip_bad=False):
         skel_dir = require(os.path.join(root, "nturgb+d_skeletons"), self.LAYOUT)
         require(os.path.join(root, "nturgb+d_depth_masked"), self.LAYOUT)
         require(os.path.join(root, "rgb"), self.LAYOUT)
@@ -336,9 +343,14 @@ class ITOP(torch.utils.data.Dataset):
     """ITOP side view (Haque et al., 2016): root/ITOP_side_{split}_depth_map.h5 (`data` [N,240,320] metres) and
     root/ITOP_side_{split}_labels.h5 (`real_world_coordinates` [N,15,3] metres, `image_coordinates` [N,15,2],
     `visible_joints` [N,15], `is_valid` [N], `segmentation` [N,240,320] with -1 off the person). Items are valid
-    frames with depth, the person mask (segmentation >= 0) and joints3d in ITOP's 15-joint order (head, neck, r/l
-    shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot), in ITOP's real-world frame. Needs h5py,
-    imported here only."""
+    frames with depth, the person mask (segmentation >= 0), joints3d in ITOP's 15-joint order (head, neck, r/l
+    shoulder, r/l elbow, r/l hand, torso, r/l hip, r/l knee, r/l foot) and the intrinsics. ITOP's real-world frame
+    has y up; joints3d are in the camera frame of docs/conventions.md, (x, -y, z), which the intrinsics of ITOP's
+    projection, u = 160 + x / (0.0035 z), v = 120 - y / (0.0035 z) (the published A2J code's world2pixel), map
+    to the image. Needs h5py, imported here only."""
+
+    JOINTS = 15
+    INTRINSICS = torch.tensor([[1 / 0.0035, 0, 160], [0, 1 / 0.0035, 120], [0, 0, 1]])
 
     def __init__(self, root, split="train"):
         try:
@@ -348,7 +360,7 @@ class ITOP(torch.utils.data.Dataset):
         layout = "  <root>/ITOP_side_{split}_depth_map.h5\n  <root>/ITOP_side_{split}_labels.h5"
         with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_labels.h5"), layout), "r") as f:
             valid = np.asarray(f["is_valid"]).astype(bool)
-            self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32)
+            self.joints3d = np.asarray(f["real_world_coordinates"])[valid].astype(np.float32) * [1, -1, 1]
             self.visible = np.asarray(f["visible_joints"])[valid].astype(bool)
             self.mask = np.asarray(f["segmentation"])[valid] >= 0
         with h5py.File(require(os.path.join(root, f"ITOP_side_{split}_depth_map.h5"), layout), "r") as f:
@@ -359,7 +371,7 @@ class ITOP(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return dict(depth=torch.from_numpy(self.depth[i])[None], mask=torch.from_numpy(self.mask[i]),
-                    joints3d=torch.from_numpy(self.joints3d[i]),
+                    joints3d=torch.from_numpy(self.joints3d[i]).float(), intrinsics=self.INTRINSICS.clone(),
                     joints_visible=torch.from_numpy(self.visible[i]),
                     present={"rgb": False, "depth": True, "keypoints": False}, index=i)
 
@@ -368,11 +380,16 @@ class ITOP(torch.utils.data.Dataset):
 class MixedDataset(torch.utils.data.Dataset):
     """Concatenation of heterogeneous datasets. `index` becomes dataset-wide (each dataset's items are offset by the
     sizes of those before it), the memory bank's key; each item keeps its `present` mask. A key (i, seed) reaches
-    the part as (local i, seed), so parts that are `Transformed` keep their seeded augmentation."""
+    the part as (local i, seed), so parts that are `Transformed` keep their seeded augmentation.
+    `weights` [N] (StepBatches draws items with replacement in proportion to them): with balanced=True each item
+    weighs 1 / its part's size, so every part is drawn equally often, as the published loader draws NTU RGB+D and
+    MPII (or COCO) 50/50; None (uniform permutations) otherwise."""
 
-    def __init__(self, datasets):
+    def __init__(self, datasets, balanced=False):
         self.datasets = list(datasets)
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets])
+        self.weights = torch.cat([torch.full((len(d),), 1 / len(d), dtype=torch.float64) for d in self.datasets]) \
+            if balanced else None
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -457,8 +474,12 @@ class PairedTransform:
               +-translate of the image about the image centre, a horizontal flip with probability `flip` (keypoint
               slots swapped by FLIP_JOINTS, part labels by FLIP_PARTS: flip_sample), colour jitter on RGB.
               The CPU preset's and fine-tuning's choice (README, "Departures").
-      'ntu'   the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the frame's,
-              centred at a uniform point of the visible joints' bounding box; no rotation, flip or colour jitter.
+      'ntu'   after the published NTU RGB+D augmentation: one square crop whose area is U(0.08, 1.2) x the area
+              of the sample's frame (square: for NTURGBD, its person crop of 1.25 x the skeleton's extent), zero-
+              padded where it leaves the frame (areas above 1 shrink the person), centred at a uniform point of the
+              visible joints' bounding box; no rotation, flip or colour jitter. The published crop is of the
+              512 x 424 depth frame, and torchvision's RandomResizedCrop redraws squares that do not fit, so its
+              area is U(0.08, 0.83) x the frame's (side 132-424 px).
       'mpii'  the published MPII / COCO augmentation, about the centre of the reader's person crop: scale
               clip(N(1, 0.25), 0.75, 1.25), rotation clip(N(0, 30), -60, 60) deg with probability 0.6; no flip,
               no colour jitter.
@@ -703,37 +724,56 @@ class Transformed(torch.utils.data.Dataset):
 PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intrinsics", "present", "index")
 
 
+PRETRAIN_SOURCES = ("synthetic", "synthetic+mpii", "mpii", "ntu+mpii", "ntu+coco")
+
+
 def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_samples=4096, seed=0, cache=False,
-                    workers=0, ntu_root="", mpii_root="", coco_root=""):
+                    workers=0, ntu_root="", mpii_root="", coco_root="", mpii_split="train"):
     """The pre-training set with its augmentation: an all-modality set mixed with a no-depth set, each under its own
-    PairedTransform recipe (the published ones: 'ntu', 'mpii'). source 'synthetic': the synthetic stand-ins, 3/4
-    'indoor' with depth (seed) and 1/4 'wild' without (seed + 1), rendered once into memory with cache=True (by
-    `workers` processes); 'ntu+mpii' / 'ntu+coco': the real readers, which raise FileNotFoundError naming a missing
-    root. Items are indexed by (index, augmentation seed)."""
+    PairedTransform recipe (the published ones: 'ntu', 'mpii'). source
+      'synthetic'       the synthetic stand-ins, 3/4 'indoor' with depth (seed) and 1/4 'wild' without (seed + 1),
+                        concatenated (drawn in proportion to their sizes)
+      'synthetic+mpii'  synthetic 'indoor' people (all modalities) and real MPII (RGB + keypoints), drawn 50/50
+      'mpii'            real MPII alone (RGB + keypoints)
+      'ntu+mpii', 'ntu+coco'   the published mixtures, drawn 50/50 (MixedDataset(balanced=True))
+    The synthetic people are rendered once into memory with cache=True (by `workers` processes); the real readers
+    raise FileNotFoundError naming a missing root or file; MPII reads root/annot/{mpii_split}.json. Items are
+    indexed by (index, augmentation seed)."""
+    if source not in PRETRAIN_SOURCES:
+        raise ValueError(f"source must be one of {PRETRAIN_SOURCES}, got {source!r}")
+    n = synthetic_samples
     if source == "synthetic":
-        n = synthetic_samples
         parts = [synthetic.SyntheticHumans(n - n // 4, image_size, seed=seed, domain="indoor"),
                  synthetic.SyntheticHumans(n // 4, image_size, seed=seed + 1, domain="wild", with_depth=False)]
-        if cache:
-            parts = [Cached(p, PRETRAIN_KEYS, workers) for p in parts]
+    elif source == "synthetic+mpii":
+        parts = [synthetic.SyntheticHumans(n, image_size, seed=seed, domain="indoor"),
+                 MPII(mpii_root, mpii_split, image_size)]
+    elif source == "mpii":
+        parts, recipes = [MPII(mpii_root, mpii_split, image_size)], recipes and recipes[1:]
     else:
-        parts = [NTURGBD(ntu_root, image_size), MPII(mpii_root, "train", image_size) if source == "ntu+mpii"
+        parts = [NTURGBD(ntu_root, image_size), MPII(mpii_root, mpii_split, image_size) if source == "ntu+mpii"
                  else COCOKeypoints(coco_root, "train2017", image_size)]
+    if cache:
+        parts = [Cached(p, PRETRAIN_KEYS, workers) if isinstance(p, synthetic.SyntheticHumans) else p for p in parts]
+    balanced = source in ("synthetic+mpii", "ntu+mpii", "ntu+coco")
     if recipes is None:
-        return MixedDataset(parts)
-    return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)])
+        return MixedDataset(parts, balanced=balanced)
+    return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)],
+                        balanced=balanced)
 
 
 # --------------------------------------------------------------------------------------------------------- batches
 class StepBatches(torch.utils.data.Sampler):
     """Batches of (index, augmentation seed) for steps start..stop-1. Step k takes items [k G, (k + 1) G) of an
-    endless stream of seeded permutations of the dataset (G = global batch); rank r takes the r-th slice. The
-    data of a step depends only on (seed, k), so resuming, the number of workers and the number of ranks do not
-    change what the model sees."""
+    endless stream of seeded epochs of n items (G = global batch); rank r takes the r-th slice. An epoch is a
+    permutation of the dataset, or with `weights` [n] n draws with replacement in proportion to them (the
+    published WeightedRandomSampler). The data of a step depends only on (seed, k), so resuming, the number of
+    workers and the number of ranks do not change what the model sees."""
 
-    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1):
+    def __init__(self, n, global_batch, seed, start, stop, rank=0, world=1, weights=None):
         self.n, self.G, self.seed, self.start, self.stop = n, global_batch, seed, start, stop
-        self.rank, self.local = rank, global_batch // world
+        self.rank, self.local, self.weights = rank, global_batch // world, weights
+        self.epoch = (None, None)  # (number, its items): the epoch last drawn
 
     def __len__(self):
         return self.stop - self.start
@@ -745,8 +785,11 @@ class StepBatches(torch.utils.data.Sampler):
 
     def item(self, p):
         epoch, offset = divmod(p, self.n)
-        g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
-        return int(torch.randperm(self.n, generator=g)[offset])
+        if self.epoch[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
+            self.epoch = (epoch, torch.randperm(self.n, generator=g) if self.weights is None
+                          else torch.multinomial(self.weights, self.n, replacement=True, generator=g))
+        return int(self.epoch[1][offset])
 
 
 def to_device(batch, device):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BN_MOMENTUM = 0.1  # as the official HRNet segmentation code
+BN_MOMENTUM = 0.01  # of the HRNet's BatchNorm running statistics, as published (official_hrnet.py)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -35,7 +35,7 @@ def load_checkpoint(path, expected="a checkpoint", keys=(), map_location="cpu"):
 # ----------------------------------------------------------------------------------------------------------- HRNet
 def conv_bn(cin, cout, kernel, stride=1, relu=True):
     """Conv (no bias) + BN (+ ReLU) as an nn.Sequential, so state_dict keys read `.0.weight`, `.1.weight`."""
-    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout, momentum=BN_MOMENTUM)]
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
@@ -45,9 +45,9 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
     def forward(self, x):
@@ -62,11 +62,11 @@ class Bottleneck(nn.Module):
     def __init__(self, cin, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
 
     def forward(self, x):
@@ -79,14 +79,13 @@ class Bottleneck(nn.Module):
 def make_blocks(block, cin, planes, n):
     """n blocks; the first one projects cin -> planes * expansion with a 1x1 conv-BN `downsample` when needed."""
     cout = planes * block.expansion
-    down = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
-                                                  nn.BatchNorm2d(cout, momentum=BN_MOMENTUM))
+    down = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
     return nn.Sequential(block(cin, planes, downsample=down), *[block(cout, planes) for _ in range(n - 1)])
 
 
 class HighResolutionModule(nn.Module):
     """Parallel branches of BasicBlocks, then every branch i receives the sum of all branches j resampled to it:
-    j > i: 1x1 conv-BN then bilinear upsampling; j < i: (i - j) stride-2 3x3 convs; j == i: identity."""
+    j > i: 1x1 conv-BN then bilinear upsampling (align_corners=False, as published); j < i: (i - j) stride-2 3x3 convs; j == i: identity."""
 
     def __init__(self, channels, blocks):
         super().__init__()
@@ -112,7 +111,7 @@ class HighResolutionModule(nn.Module):
             y = xs[i]
             for j, fuse in enumerate(row):
                 if j > i:
-                    y = y + F.interpolate(fuse(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=True)
+                    y = y + F.interpolate(fuse(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
                 elif j < i:
                     y = y + fuse(xs[j])
             out.append(F.relu(y))
@@ -126,19 +125,20 @@ class HRNet(nn.Module):
     transition1, stage2 (2 branches), transition2, stage3 (3 branches), transition3, stage4 (4 branches), stage k
     made of `modules[k-2]` HighResolutionModules of `blocks` BasicBlocks per branch.
     Output: 4 maps at 1/4, 1/8, 1/16, 1/32 of the input with `out_channels` = width x (1, 2, 4, 8) channels.
+    `bn_momentum`: of every BatchNorm's running statistics (the published 0.01 by default).
 
     The published HRNet-W18 is the default (9,562,260 parameters); `HRNet.small()` is the same family made
     narrow and shallow for CPU training.
     """
 
     def __init__(self, width=18, in_channels=3, stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3),
-                 init="official"):
+                 init="official", bn_momentum=BN_MOMENTUM):
         super().__init__()
         self.out_channels = [width, 2 * width, 4 * width, 8 * width]
         self.conv1 = nn.Conv2d(in_channels, stem_channels, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
         self.conv2 = nn.Conv2d(stem_channels, stem_channels, 3, 2, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem_channels, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(stem_channels)
         self.layer1 = make_blocks(Bottleneck, stem_channels, stem_channels, stem_blocks)
         pre = [stem_channels * Bottleneck.expansion]
         for k, n_modules in zip((2, 3, 4), modules):
@@ -146,6 +146,9 @@ class HRNet(nn.Module):
             setattr(self, f"transition{k - 1}", self._transition(pre, cur))
             setattr(self, f"stage{k}", nn.Sequential(*[HighResolutionModule(cur, blocks) for _ in range(n_modules)]))
             pre = cur
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         self._init_weights(init)
 
     @staticmethod
@@ -176,10 +179,10 @@ class HRNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def small(cls, in_channels=3, width=16, init="official"):
+    def small(cls, in_channels=3, width=16, init="official", bn_momentum=BN_MOMENTUM):
         """The CPU configuration: same architecture family, 1 BasicBlock per branch, 1 module per stage."""
         return cls(width=width, in_channels=in_channels, stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1),
-                   init=init)
+                   init=init, bn_momentum=bn_momentum)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -240,10 +243,11 @@ class HRNet(nn.Module):
 
 
 def merge_maps(maps):
-    """HRNetV2 representation: upsample the 4 maps to the 1/4 map's size (bilinear) and concatenate.
+    """HRNetV2 representation: upsample the 4 maps to the 1/4 map's size (bilinear, align_corners=False as the
+    published merge and fuse layers) and concatenate.
     [B,w,h,w'], [B,2w,..], [B,4w,..], [B,8w,..] -> [B, 15w, h, w']"""
     size = maps[0].shape[-2:]
-    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps[1:]], 1)
+    return torch.cat([maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]], 1)
 
 
 # ---------------------------------------------------------------------------------------------------------- SemGCN
@@ -428,30 +432,53 @@ def three_nn_interpolate(xyz, src_xyz, src_feats, eps=1e-8):
 
 
 class PointNet2(nn.Module):
-    """PointNet++ (Qi et al., 2017) segmentation-style encoder: 3 multi-scale set abstractions, 3 feature
-    propagations back to every input point. Radii are in the units of the points (metres for depth clouds).
+    """PointNet++ (Qi et al., 2017) in its segmentation form: set abstractions with multi-scale grouping (level k:
+    npoints[k] centres, one ball query and shared MLP per radius of radii[k], the scales concatenated), then feature
+    propagations back to every input point (fp_mlps[k]: the MLP that lands on level k, 0 = the input points).
+    Radii are in the units of the points (metres for depth clouds).
+
+    The default is the published configuration (networks/pointnet2_msg.py): 4 levels of 4,096 -> 1,024 -> 256 -> 64
+    centres with radii 0.025-1.0 m, 16 and 32 neighbours, 96 -> 256 -> 512 -> 1,024 channels, propagated back to
+    128 channels per point; `PointNet2.small()` is the CPU configuration.
 
     points [B, N, 3], feats [B, N, in_features] or None, valid [B, N] bool or None -> [B, out_channels, N]."""
 
-    def __init__(self, in_features=0, out_channels=128, npoints=(512, 128, 32), radii=((0.05, 0.1), (0.1, 0.2),
-                 (0.2, 0.4)), nsamples=(16, 32), width=32):
+    def __init__(self, in_features=0, npoints=(4096, 1024, 256, 64),
+                 radii=((0.025, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.0)), nsamples=(16, 32),
+                 sa_mlps=(((16, 32), (32, 64)), ((64, 128), (64, 128)), ((128, 256), (128, 256)),
+                          ((256, 512), (256, 512))),
+                 fp_mlps=((128, 128), (256, 256), (512, 512), (512, 512))):
         super().__init__()
+        self.sa = nn.ModuleList()
+        skips = [in_features]  # channels of the points at each level
+        for npoint, r, mlps in zip(npoints, radii, sa_mlps):
+            self.sa.append(SetAbstraction(npoint, r, nsamples, skips[-1], mlps))
+            skips.append(self.sa[-1].out_channels)
+        fp, below = [], skips[-1]
+        for k in reversed(range(len(npoints))):  # from level k + 1 onto level k
+            fp.insert(0, FeaturePropagation(below + skips[k], fp_mlps[k]))
+            below = fp_mlps[k][-1]
+        self.fp = nn.ModuleList(fp)
+        self.out_channels = fp_mlps[0][-1]
+
+    @classmethod
+    def small(cls, in_features=0, width=32, out_channels=128, npoints=(512, 128, 32)):
+        """The CPU configuration: 3 levels, radii 0.05-0.4 m, widths from `width`."""
         w = width
-        self.sa1 = SetAbstraction(npoints[0], radii[0], nsamples, in_features, [[w, w, 2 * w], [w, w, 2 * w]])
-        self.sa2 = SetAbstraction(npoints[1], radii[1], nsamples, self.sa1.out_channels, [[2 * w, 4 * w]] * 2)
-        self.sa3 = SetAbstraction(npoints[2], radii[2], nsamples, self.sa2.out_channels, [[4 * w, 8 * w]] * 2)
-        self.fp3 = FeaturePropagation(self.sa3.out_channels + self.sa2.out_channels, [8 * w, 8 * w])
-        self.fp2 = FeaturePropagation(8 * w + self.sa1.out_channels, [8 * w, 4 * w])
-        self.fp1 = FeaturePropagation(4 * w + in_features, [4 * w, out_channels])
-        self.out_channels = out_channels
+        return cls(in_features, npoints, radii=((0.05, 0.1), (0.1, 0.2), (0.2, 0.4)), nsamples=(16, 32),
+                   sa_mlps=([[w, w, 2 * w]] * 2, [[2 * w, 4 * w]] * 2, [[4 * w, 8 * w]] * 2),
+                   fp_mlps=([4 * w, out_channels], [8 * w, 4 * w], [8 * w, 8 * w]))
 
     def forward(self, points, feats=None, valid=None):
-        x1, f1 = self.sa1(points, feats, valid)
-        x2, f2 = self.sa2(x1, f1)
-        x3, f3 = self.sa3(x2, f2)
-        f2 = self.fp3(x2, x3, f2, f3)
-        f1 = self.fp2(x1, x2, f1, f2)
-        return self.fp1(points, x1, feats, f1).transpose(1, 2)  # [B, C, N]
+        xyz, f = [points], [feats]
+        for k, sa in enumerate(self.sa):
+            x, g = sa(xyz[-1], f[-1], valid if k == 0 else None)  # later levels' centres are valid points
+            xyz.append(x)
+            f.append(g)
+        g = f[-1]
+        for k in reversed(range(len(self.fp))):
+            g = self.fp[k](xyz[k], xyz[k + 1], f[k], g)
+        return g.transpose(1, 2)  # [B, C, N]
 
 
 def back_project(u, v, z, intrinsics):
@@ -475,23 +502,3 @@ def depth_to_points(depth, intrinsics):
                           torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
     z = depth.reshape(B, H * W)
     return back_project(u.reshape(1, -1), v.reshape(1, -1), z, intrinsics), z > 0
-
-
-def points_to_map(feats, pixels, valid, image_size, size):
-    """Scatter per-point features onto a dense map, averaging the points that fall into each cell; empty cells
-    are 0. This is how the PointNet++ variant yields a pixel-aligned map for the dense loss.
-    feats [B, C, N], pixels [B, N, 2] (x, y) in an image of `image_size` (H, W), valid [B, N] -> [B, C, h, w]."""
-    B, C, N = feats.shape
-    (H, W), (h, w) = image_size, size
-    col = (pixels[..., 0] * w / W).long().clamp(0, w - 1)
-    row = (pixels[..., 1] * h / H).long().clamp(0, h - 1)
-    cell = (row * w + col).masked_fill(~valid, h * w)  # [B, N]; invalid points go to a dump cell
-    total = feats.new_zeros(B, C, h * w + 1).scatter_add_(2, cell[:, None].expand(B, C, N), feats)
-    count = feats.new_zeros(B, 1, h * w + 1).scatter_add_(2, cell[:, None], torch.ones_like(feats[:, :1]))
-    return (total / count.clamp(min=1))[..., :h * w].reshape(B, C, h, w)
-
-
-def pixel_grid(H, W, device=None):
-    """[H*W, 2] (x, y) coordinates of every pixel, in the order depth_to_points flattens them."""
-    v, u = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
-    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1).float()

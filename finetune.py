@@ -19,7 +19,7 @@ Tasks (heads on the HRNet backbone of the task's modality, all reading the merge
 Data: synthetic by default, a labelled training set (--train-samples people) and a test set (--test-samples), each
 rendered from its own seed and disjoint from the pre-training samples; `--ratio` keeps a uniformly spaced subset
 of the training set, as the paper does. With --h36m-root / --ntu-parsing-root the parsing tasks read the real
-datasets.
+datasets, with --itop-root depth-pose reads ITOP's side view (train and test; its 15 joints).
 Inits: `scratch`, a train.py checkpoint (stage1.pt = CMC, stage2.pt = HCMoCo or an ablation row), a fine-tuned
 model.pt (its backbone), or an external HRNet state_dict (e.g. ImageNet weights); a file that does not fill the
 HRNet is refused.
@@ -50,9 +50,9 @@ KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv"
 PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 TRAIN_SEED, TEST_SEED = 100, 200
 # A scratch model is the one train.py's CPU preset starts from: a memory bank of one entry per pre-training sample
-# (its synthetic_samples) drawing its num_negatives; the numbers are copied so that fine-tuning does not import the
-# training script
-SCRATCH_BANK_SIZE, SCRATCH_NEGATIVES = 4096, 256
+# (its synthetic_samples) drawing its num_negatives, its HRNets' bn_momentum; the numbers are copied so that
+# fine-tuning does not import the training script
+SCRATCH_BANK_SIZE, SCRATCH_NEGATIVES, SCRATCH_BN_MOMENTUM = 4096, 256, 0.1
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -213,6 +213,7 @@ def dense_pose_loss(out, batch):
 # ------------------------------------------------------------------------------------------------------- tasks
 H36M = ("h36m_root", data.Human36MParts)  # a real labelled set: the option that gives its root, its reader
 NTU = ("ntu_parsing_root", data.NTURGBDParsing)
+ITOP = ("itop_root", data.ITOP)
 
 
 class Task(NamedTuple):
@@ -231,7 +232,8 @@ class Task(NamedTuple):
 TASKS = {
     "rgb-parsing": Task("finetune", "rgb", SegHead, parsing_loss, segmentation_metrics, "parts", real=(H36M, NTU)),
     "depth-parsing": Task("finetune", "depth", SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
-    "depth-pose": Task("finetune", "depth", PoseHead, pose_loss, pose_metrics, "joints3d", camera_frame=True),
+    "depth-pose": Task("finetune", "depth", PoseHead, pose_loss, pose_metrics, "joints3d", camera_frame=True,
+                       real=(ITOP,)),
     "dense-pose": Task("finetune", "rgb", DensePoseHead, dense_pose_loss, dense_pose_scores, "iuv"),
     "cross-modal": Task("versatile", None, SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
     "missing-modal": Task("versatile", None, SegHead, parsing_loss, segmentation_metrics, "parts", real=(NTU,)),
@@ -263,6 +265,7 @@ class Config:
     test_samples: int = 500  # the fixed held-out test set (TEST_SEED)
     h36m_root: str = ""  # Human3.6M parsing's folder: rgb-parsing reads it instead of synthetic people
     ntu_parsing_root: str = ""  # NTURGBD-Parsing-4K's folder: parsing and cross/missing-modal read it
+    itop_root: str = ""  # ITOP's folder: depth-pose reads its side view (train and test splits, 15 joints)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is a GPU
     seed: int = 0  # of the head's initialisation, the batches and the augmentations
     workers: int = 2  # data-loading processes
@@ -276,7 +279,8 @@ def parse_args(argv=None):
     cfg = replace(cfg, out=cfg.out or default_out(cfg))
     task = TASKS[cfg.task]
     probe = task.kind == "probe"
-    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in ("h36m_root", "ntu_parsing_root")}
+    roots = [option for option, _ in (H36M, NTU, ITOP)]
+    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in roots}
     unread = {  # option: (the run would ignore it, why)
         "source": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
         "target": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
@@ -293,7 +297,7 @@ def parse_args(argv=None):
         *[(not ignored, f"--{k.replace('_', '-')}: {why}") for k, (ignored, why) in unread.items() if k in given],
         cli.device_check(cfg.device),
         *[(os.path.isdir(getattr(cfg, r)), f"--{r.replace('_', '-')} {getattr(cfg, r)}: not a folder")
-          for r in ("h36m_root", "ntu_parsing_root") if getattr(cfg, r)],
+          for r in roots if getattr(cfg, r)],
         (0 < cfg.ratio <= 1, "--ratio must be in (0, 1]"),
         (cfg.init in ("scratch", "pixels") or os.path.exists(cfg.init),
          f"--init: {cfg.init} not found (give 'scratch' or a checkpoint)"),
@@ -326,7 +330,8 @@ def default_out(cfg):
 # ------------------------------------------------------------------------------------------------------- models
 def scratch_config(cfg):
     """The model configuration of a scratch init: the CPU preset's, with the --scratch-init HRNet init."""
-    return HCMoCoConfig(init=cfg.scratch_init, bank_size=SCRATCH_BANK_SIZE, num_negatives=SCRATCH_NEGATIVES)
+    return HCMoCoConfig(init=cfg.scratch_init, bank_size=SCRATCH_BANK_SIZE, num_negatives=SCRATCH_NEGATIVES,
+                        bn_momentum=SCRATCH_BN_MOMENTUM)
 
 
 def backbone_input(batch, modality):
@@ -371,7 +376,10 @@ class Finetuner(nn.Module):
         super().__init__()
         self.task = TASKS[cfg.task]
         self.backbone, self.report = load_backbone(cfg.init, self.task.modality, scratch_config(cfg))
-        self.head = self.task.head(sum(self.backbone.out_channels))
+        # ITOP labels its own 15 joints; the synthetic people MPII's 16
+        joints = {"joints": data.ITOP.JOINTS if cfg.itop_root else len(synthetic.JOINT_NAMES)} \
+            if self.task.head is PoseHead else {}
+        self.head = self.task.head(sum(self.backbone.out_channels), **joints)
 
     def features(self, batch):
         return merge_maps(self.backbone(backbone_input(batch, self.task.modality)))
@@ -766,7 +774,7 @@ def main(argv=None):
               subsequent_indent="    "))
     try:
         return run(cfg)
-    except CheckpointError as e:  # --init
+    except (CheckpointError, FileNotFoundError, ImportError) as e:  # --init, a dataset's files, h5py for ITOP
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C
         print(f"\ninterrupted: nothing of this run is saved (model.pt and metrics.json are written at its end, in "

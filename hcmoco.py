@@ -1,6 +1,6 @@
 """The HCMoCo model: encoders + mappers, three embedding levels, and Eq. 1 with the ablation switches.
 
-    E_rgb, E_depth: HRNet (or PointNet++ for depth)   E_kp: SemGCN on the 2D keypoints
+    E_rgb, E_depth: HRNet (or PointNet++ for depth: pointnet_features)   E_kp: SemGCN on the 2D keypoints
     global  f^g = normalize(Linear(mean-pool(merged map)))   (keypoints: mean over visible joints)   -> Eq. 2
     dense   f^d = normalize(Conv1x1(merged map))   [B, D, H/4, W/4], RGB and depth                   -> Eq. 3-5
     sparse  f^s = f^d sampled at the 2D joints (RGB, depth);  normalize(GCN joint features)          -> Eq. 6
@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
-from encoders import (HRNet, PointNet2, SemGCN, depth_to_points, load_checkpoint, merge_maps, pixel_grid,
-                      points_to_map)
+from encoders import (HRNet, PointNet2, SemGCN, back_project, depth_to_points, gather, load_checkpoint, merge_maps,
+                      three_nn_interpolate)
 from synthetic import JOINT_INDEX, PARENTS
 
 MODALITIES = ("rgb", "depth", "keypoints")
@@ -37,6 +37,10 @@ TARGETS = {"global": dict(dense="none", sparse=False),
            "global+soft": dict(dense="soft", sparse=False),
            "global+soft+sparse": dict(dense="soft", sparse=True)}
 PELVIS = JOINT_INDEX["pelvis"]  # the root of the keypoint normalisation
+# The keypoint GCN's graph as published (networks/SGCN/skeleton_meta.py): the MPII skeleton with both shoulders
+# hanging from the upper neck instead of the thorax.
+PUBLISHED_PARENTS = [JOINT_INDEX["upper_neck"] if j in (JOINT_INDEX["r_shoulder"], JOINT_INDEX["l_shoulder"]) else p
+                     for j, p in enumerate(PARENTS)]
 
 
 @dataclass
@@ -45,7 +49,10 @@ class HCMoCoConfig:
     width: int = 16  # of the small HRNet
     embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
-    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"
+    # 'masked': shoulders from the thorax, invisible joints send no messages (SemGCN's visibility mask);
+    # 'published': PUBLISHED_PARENTS, and every joint sends, an invisible one from its input of 0
+    keypoint_graph: Literal["masked", "published"] = "masked"
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # PointNet2.small() with the small HRNet, else PointNet2()
     dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
     sparse: bool = True  # Eq. 6
     lambda_global: float = 1.0  # Eq. 1, on terms that are sums as published (module docstring)
@@ -53,12 +60,15 @@ class HCMoCoConfig:
     lambda_sparse: float = 1.0
     tau: float = 0.07
     init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
-    global_loss: Literal["bank", "batch"] = "bank"  # Eq. 2's negatives: the memory bank (as published) or in-batch
+    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics, as published
+    # the sample-level term: Eq. 2 against the memory bank (as published) or in-batch; or 'mmv', the MMV baseline's
+    # fine-and-coarse objective (losses.fine_and_coarse_loss) in its place
+    global_loss: Literal["bank", "batch", "mmv"] = "bank"
     num_negatives: int = 16384
     momentum: float = 0.5
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
     dense_points: int = 400  # per image, as published: drawn with replacement from the person (mask, valid depth)
-    pointnet_points: int = 4096
+    pointnet_points: int = 4096  # drawn per image, with replacement, from the person's depth pixels, as published
 
     def __post_init__(self):
         for f in fields(self):
@@ -69,17 +79,18 @@ class HCMoCoConfig:
     @classmethod
     def from_dict(cls, values):
         """The config saved in a checkpoint; one written before the switches were typed names its Table 3 row in
-        a 'targets' string."""
+        a 'targets' string, and one written before bn_momentum was an option has none."""
         values = dict(values)
         if "targets" in values:
             values.update(TARGETS[values.pop("targets")])
+        values.setdefault("bn_momentum", 0.1)  # what the HRNets trained with before it was an option
         return cls(**values)
 
 
 def build_hrnet(cfg, in_channels=3):
     if cfg.hrnet == "small":
-        return HRNet.small(in_channels, cfg.width, init=cfg.init)
-    return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init)
+        return HRNet.small(in_channels, cfg.width, init=cfg.init, bn_momentum=cfg.bn_momentum)
+    return HRNet(int(cfg.hrnet[1:]), in_channels, init=cfg.init, bn_momentum=cfg.bn_momentum)
 
 
 def hrnet_prefixes(modality):
@@ -107,10 +118,13 @@ def person_depth(depth, person):
 
 
 def normalized_keypoints(keypoints, visible):
-    """The keypoint GCN's input, as the published `normalize_joints_myway`: joints relative to the pelvis (MPII
+    """The keypoint GCN's input, after the published `normalize_joints_myway`: joints relative to the pelvis (MPII
     joint 6; the mean of the visible joints when the pelvis is not visible), divided by the largest absolute
     coordinate of a visible joint, so the input is invariant to a shift and a uniform scale of the image and
-    carries no absolute position in the crop. Invisible joints are 0 and take no part.
+    carries no absolute position in the crop. Invisible joints are 0 and take no part. The published function
+    takes the largest coordinate over all 16 joints, out-of-crop and unannotated ones included (MPII stores the
+    latter at (0, 0), far from the pelvis), and roots at the pelvis even when it is not annotated; invisible joints
+    carry no coordinates here (the readers zero them), so the scale comes from the visible ones.
     keypoints [B, J, 2] pixels, visible [B, J] bool -> [B, J, 2] in [-1, 1]."""
     vis = visible[..., None].to(keypoints.dtype)  # [B, J, 1]
     mean = (keypoints * vis).sum(1) / vis.sum(1).clamp(min=1)  # [B, 2]
@@ -142,50 +156,72 @@ class HCMoCo(nn.Module):
         if cfg.depth_encoder == "hrnet":
             depth = build_hrnet(cfg)
             depth_channels = sum(depth.out_channels)
+            depth_mapper = nn.Conv2d(depth_channels, D, 1)
         else:
-            depth = PointNet2(in_features=0, out_channels=sum(rgb.out_channels))
+            depth = PointNet2.small() if cfg.hrnet == "small" else PointNet2()
             depth_channels = depth.out_channels
-        keypoints = SemGCN(D, cfg.gcn_layers, parents=PARENTS)
+            # per point, as published (pt_utils.Conv1d with BatchNorm): [b, C, n] -> [b, D, n]
+            depth_mapper = nn.Sequential(nn.Conv1d(depth_channels, D, 1, bias=False), nn.BatchNorm1d(D), nn.ReLU())
+        keypoints = SemGCN(D, cfg.gcn_layers, parents=PARENTS if cfg.keypoint_graph == "masked" else PUBLISHED_PARENTS)
         self.encoders = nn.ModuleDict(dict(rgb=rgb, depth=depth, keypoints=keypoints))
         C = {"rgb": sum(rgb.out_channels), "depth": depth_channels}
         self.global_mappers = nn.ModuleDict({m: nn.Linear(c, D) for m, c in
                                              (("rgb", C["rgb"]), ("depth", C["depth"]), ("keypoints", D))})
-        self.dense_mappers = nn.ModuleDict(dict(rgb=nn.Conv2d(C["rgb"], D, 1), depth=nn.Conv2d(C["depth"], D, 1)))
+        self.dense_mappers = nn.ModuleDict(dict(rgb=nn.Conv2d(C["rgb"], D, 1), depth=depth_mapper))
         if cfg.global_loss == "bank":
             self.bank = losses.MemoryBank(cfg.bank_size, D, MODALITIES, cfg.num_negatives, cfg.momentum, cfg.tau)
+        if cfg.global_loss == "mmv":
+            self.fine_to_coarse = nn.Linear(D, D)  # MMV's g_{va->vat}: RGB's global embedding into the coarse space
 
     # ------------------------------------------------------------------------------------------------ features
-    def feature_map(self, batch, modality, rows=None):
-        """Merged multi-resolution map [b, C, H/4, W/4] of 'rgb' or 'depth' for the batch's `rows` (default: all).
-        Depth goes through depth_input with the person mask `batch['mask']` (the PointNet++ variant lifts the
-        person's depth to points with `batch['intrinsics']`)."""
+    def features(self, batch, modality, rows=None):
+        """The encoder's pooled features [b, C] (-> f^g) and dense map [b, D, H/4, W/4] before normalisation
+        (-> f^d) of 'rgb' or 'depth', for the batch's `rows` (default: all). HRNet: the mean and the 1x1 conv of the
+        merged multi-resolution map; depth goes through depth_input with the person mask `batch['mask']`. The
+        PointNet++ variant: pointnet_features, with `batch['intrinsics']`."""
         rows = slice(None) if rows is None else rows
         if modality == "rgb":
-            return merge_maps(self.encoders["rgb"](batch["rgb"][rows]))
+            maps = merge_maps(self.encoders["rgb"](batch["rgb"][rows]))  # [b, C, h, w]
+            return maps.mean(dim=(2, 3)), self.dense_mappers["rgb"](maps)
         if "mask" not in batch:
             raise KeyError("the depth encoder needs the person mask: batch['mask'] [B, H, W] bool")
         depth, person = batch["depth"][rows], batch["mask"][rows, None]
-        if self.cfg.depth_encoder == "hrnet":
-            return merge_maps(self.encoders["depth"](depth_input(depth, person)))
-        return self.pointnet_map(depth, person, batch["intrinsics"][rows])
+        if self.cfg.depth_encoder == "pointnet":
+            return self.pointnet_features(depth, person, batch["intrinsics"][rows])
+        maps = merge_maps(self.encoders["depth"](depth_input(depth, person)))
+        return maps.mean(dim=(2, 3)), self.dense_mappers["depth"](maps)
 
-    def pointnet_map(self, depth, person, intrinsics):
-        """PointNet++ on `pointnet_points` of the person's depth points per image, centred on their mean, features
-        scattered back to the 1/4 grid."""
+    def pointnet_features(self, depth, person, intrinsics):
+        """The PointNet++ variant as published (CMC3HRNetSGCNPN2SingleHead): PointNet++ on `pointnet_points` points
+        drawn with replacement from the person's valid depth pixels, back-projected with the intrinsics and centred
+        on their mean. Pooled: the mean of the point features. Dense: the per-point Conv1d-BN-ReLU mapper, carried
+        to the pixels of the 1/4 grid (those nearest-neighbour downsampling keeps) by inverse-distance weighting of
+        the 3 nearest drawn points (three_nn_interpolate); a pixel off the person or in a hole stands at the
+        person's mean depth, as the published zero of the centred depth map does.
+        depth, person [b, 1, H, W], intrinsics [b, 3, 3] -> [b, C], [b, D, H/4, W/4]."""
         B, _, H, W = depth.shape
+        h, w = H // 4, W // 4
         points, valid = depth_to_points(depth, intrinsics)  # [B, HW, 3], [B, HW]
         valid = valid & person.flatten(1)
-        n = min(self.cfg.pointnet_points, H * W)
-        pick = (torch.rand(B, H * W, device=depth.device) + valid.float()).topk(n, dim=1).indices  # valid first
-        pts = torch.gather(points, 1, pick[..., None].expand(-1, -1, 3))
-        ok = torch.gather(valid, 1, pick)
-        centre = (pts * ok[..., None]).sum(1, keepdim=True) / ok.sum(1).clamp(min=1)[:, None, None]
+        # a row without a valid person pixel draws from all its pixels, and its points stay invalid
+        weights = torch.where(valid.any(1, keepdim=True), valid.float(), torch.ones_like(valid, dtype=torch.float))
+        pick = torch.multinomial(weights, self.cfg.pointnet_points, replacement=True)  # [B, n]
+        pts, ok = gather(points, pick), torch.gather(valid, 1, pick)  # [B, n, 3], [B, n]
+        centre = (pts * ok[..., None]).sum(1, keepdim=True) / ok.sum(1).clamp(min=1)[:, None, None]  # [B, 1, 3]
         feats = self.encoders["depth"](pts - centre, valid=ok)  # [B, C, n]
-        return points_to_map(feats, pixel_grid(H, W, depth.device)[pick], ok, (H, W), (H // 4, W // 4))
+        on = person & (depth > 0)
+        z = torch.where(on, depth, person_depth(depth, person).view(-1, 1, 1, 1))  # [B, 1, H, W]
+        rows, cols = torch.arange(h, device=depth.device) * H // h, torch.arange(w, device=depth.device) * W // w
+        v, u = torch.meshgrid(rows.to(depth.dtype), cols.to(depth.dtype), indexing="ij")  # [h, w]
+        grid = back_project(u.reshape(1, -1), v.reshape(1, -1), z[:, 0][:, rows][:, :, cols].reshape(B, -1),
+                            intrinsics) - centre  # [B, h*w, 3]
+        mapped = self.dense_mappers["depth"](feats).transpose(1, 2)  # [B, n, D]
+        dense = three_nn_interpolate(grid, pts - centre, mapped)  # [B, h*w, D]
+        return feats.mean(dim=2), dense.transpose(1, 2).reshape(B, -1, h, w)
 
     def dense_embed(self, batch, modality):
         """L2-normalised dense embeddings f^d [B, D, H/4, W/4] of the batch's 'rgb' or 'depth', every row."""
-        return F.normalize(self.dense_mappers[modality](self.feature_map(batch, modality)), dim=1)
+        return F.normalize(self.features(batch, modality)[1], dim=1)
 
     def embed(self, batch):
         """Global [B, D], dense [B, D, h, w] and sparse [B, J, D] embeddings of every present modality, each
@@ -198,16 +234,17 @@ class HCMoCo(nn.Module):
             rows = present[m].nonzero().flatten()
             if len(rows) == 0:
                 continue
-            maps = self.feature_map(batch, m, rows)  # [b, C, h, w]
-            g = F.normalize(self.global_mappers[m](maps.mean(dim=(2, 3))), dim=-1)
-            d = F.normalize(self.dense_mappers[m](maps), dim=1)
+            pooled, dense = self.features(batch, m, rows)  # [b, C], [b, D, h, w]
+            g = F.normalize(self.global_mappers[m](pooled), dim=-1)
+            d = F.normalize(dense, dim=1)
             out["global"][m] = scatter_rows(g, rows, B)  # [B, D]
             out["dense"][m] = scatter_rows(d, rows, B)  # [B, D, h, w]
             out["sparse"][m] = scatter_rows(sample_at(d, batch["keypoints"][rows], size), rows, B)  # [B, J, D]
         rows = present["keypoints"].nonzero().flatten()
         if len(rows):
             vis = batch["keypoints_visible"][rows]  # [b, J]
-            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), vis)  # [b, J, H]
+            mask = vis if self.cfg.keypoint_graph == "masked" else None
+            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), mask)  # [b, J, H]
             pooled = (h * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
             g = F.normalize(self.global_mappers["keypoints"](pooled), dim=-1)
             s = F.normalize(h, dim=-1)
@@ -229,8 +266,13 @@ class HCMoCo(nn.Module):
         if gather is not None:
             feats = {m: gather(f) for m, f in feats.items()}
             present, index = {m: gather(p) for m, p in present.items()}, gather(index)
-        terms = {"global": self.bank(feats, index, present) if cfg.global_loss == "bank"
-                 else losses.batch_contrastive_loss(feats, present, cfg.tau)}
+        if cfg.global_loss == "bank":
+            terms = {"global": self.bank(feats, index, present)}
+        elif cfg.global_loss == "batch":
+            terms = {"global": losses.batch_contrastive_loss(feats, present, cfg.tau)}
+        else:  # the global embeddings of RGB and depth are MMV's fine space, those of the keypoints its coarse one
+            coarse = {"rgb": F.normalize(self.fine_to_coarse(feats["rgb"]), dim=-1), "keypoints": feats["keypoints"]}
+            terms = {"global": losses.fine_and_coarse_loss(feats, coarse, present, cfg.tau)}
         if cfg.dense != "none":
             terms["dense"] = self.dense_term(emb["dense"], batch)
         if cfg.sparse:

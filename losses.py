@@ -6,6 +6,7 @@
     Eq. 5  Eq. 3 in both directions of a modality pair ........................... bidirectional_dense_loss
     Eq. 6  sparse structure-aware: joints within samples + across samples ......... sparse_structure_loss
            (= joint_keypoint_loss + cross_sample_joint_loss)
+    MMV    the baseline's fine-and-coarse objective, in place of Eq. 2 ............. fine_and_coarse_loss
 
 Each term is the published trainer's SUM of its cross-entropies (Eq. 2: one per ordered modality pair; Eq. 5: one
 per direction; Eq. 6: one per image modality within samples plus one across samples), so Eq. 1 with all
@@ -166,6 +167,25 @@ def batch_contrastive_loss(feats, present, tau=0.07):
             nll = -logits.log_softmax(dim=-1).diagonal().masked_fill(~rows, 0.0)  # [B]
             loss = loss + nll.sum() / rows.sum().clamp(min=1)
     return loss
+
+
+def fine_and_coarse_loss(fine, coarse, present, tau=0.07):
+    """MMV's fine-and-coarse objective (Alayrac et al., NeurIPS 2020, Sec. 3.1: "FAC"), the baseline the paper
+    compares against, with RGB and depth as the fine modalities (MMV's video and audio: pixel-aligned, compared in
+    a fine space S_f) and keypoints as the coarse one (MMV's text: compared with RGB in a coarse space S_c, which
+    RGB reaches through a projection of its fine embedding):
+
+        L_MMV = NCE(z_rgb^f, z_depth^f) + NCE(z_rgb^c, z_kp^c),    z_rgb^c = g_{f->c}(z_rgb^f)
+
+        NCE(a, b) = sum over the directions (a->b, b->a) of mean_{i: a, b present}
+                    -log( exp(<a_i, b_i>/tau) / sum_{k: b present} exp(<a_i, b_k>/tau) )
+
+    the in-batch InfoNCE of batch_contrastive_loss. MMV's MIL-NCE over several narrations of a clip is this NCE
+    when, as here, a sample has one keypoint set.
+    fine {'rgb', 'depth': [B, dim]}, coarse {'rgb', 'keypoints': [B, dim]}, present {modality: [B] bool} -> scalar.
+    """
+    return (batch_contrastive_loss({m: fine[m] for m in ("rgb", "depth")}, present, tau)
+            + batch_contrastive_loss({m: coarse[m] for m in ("rgb", "keypoints")}, present, tau))
 
 
 class MemoryBank(nn.Module):

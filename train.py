@@ -34,7 +34,8 @@ from tqdm import tqdm
 import cli
 import data
 import synthetic
-from encoders import CheckpointError, HRNet, apply_affine, load_checkpoint, pixel_grid
+from data import PRETRAIN_SOURCES
+from encoders import CheckpointError, HRNet, apply_affine, load_checkpoint
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, hrnet_prefixes, sample_at
 
 HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
@@ -50,29 +51,34 @@ class Config:
     times a run holds stale positives), 4,096 people rendered once into memory and augmented a batch at a time, the
     small HRNet at 64 px with batch 64 in bf16 where the CPU has it (more samples per second), 6 epochs per stage;
     48 dense points: a person covers 25-60 cells of the 16 x 16 grid, drawn with replacement; Eq. 6 weighted 6
-    times the published weight (lambda_sparse 6: its intra-sample part is what the sparse level adds here)."""
+    times the published weight (lambda_sparse 6: its intra-sample part is what the sparse level adds here);
+    BatchNorm running statistics that keep up with a short run."""
     stage: Literal[1, 2] = 2  # train up to this stage
     preset: Literal["auto", "cpu", "paper"] = "cpu"  # the other options' defaults; auto: paper on a GPU, else cpu
-    data: Literal["synthetic", "ntu+mpii", "ntu+coco"] = "synthetic"  # rendered people, or NTU RGB+D + MPII / COCO
+    data: Literal[PRETRAIN_SOURCES] = "synthetic"  # rendered people, real data or both (data.pretraining_set)
     ntu_root: str | None = None  # NTU RGB+D's folder (data.NTURGBD)
     mpii_root: str | None = None  # MPII's folder (data.MPII)
+    mpii_split: str = "train"  # MPII reads <mpii-root>/annot/<split>.json (train.json as published)
     coco_root: str | None = None  # COCO's folder (data.COCOKeypoints)
     targets: Literal[tuple(TARGETS)] = "global+soft+sparse"  # stage 2's Table 3 row; stage 1 is always 'global'
     depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
+    keypoint_graph: Literal["masked", "published"] = "masked"  # the keypoint GCN's (HCMoCoConfig.keypoint_graph)
     hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # the HRNets: the small CPU one, or a published width
     width: int = 16  # of the small HRNet
     init: Literal["official", "he"] = "he"  # the HRNets' init when there is no --backbone-init
+    # published 0.01 averages the running statistics over ~100 steps, stale in a run of a few hundred (README)
+    bn_momentum: float = 0.1  # of the HRNets' BatchNorm running statistics (the eval-mode features)
     backbone_init: str | None = None  # both HRNets' weights: an HRNet file (ImageNet), a stage file, a model.pt
     image_size: int = 64  # pixels, square
     synthetic_samples: int = 4096  # people rendered for --data synthetic, 3/4 with depth
     cache: bool = True  # render the synthetic set once into memory
-    global_loss: Literal["bank", "batch"] = "batch"  # Eq. 2's negatives: the memory bank, or the batch
+    global_loss: Literal["bank", "batch", "mmv"] = "batch"  # Eq. 2's negatives: the bank or the batch; or MMV's NCE
     num_negatives: int = 256  # drawn from the memory bank
     momentum: float = 0.5  # of the memory bank
     dense_points: int = 48  # per image
     # batch: the CPU recipe (rotation, scale, shift, flip, colour jitter) on whole batches in the training loop
     # (data.BatchAugment); published: the published NTU RGB+D / MPII recipes item by item in the loader's processes
-    augment: Literal["batch", "published"] = "batch"
+    augment: Literal["batch", "published"] = "batch"  # where and how the pairs are augmented
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16 autocast: auto = on CUDA and on CPUs with native bf16
     tau: float = 0.1  # the temperature of the contrastive terms
     lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
@@ -84,6 +90,9 @@ class Config:
     optimizer: Literal["sgd", "adamw"] = "adamw"  # SGD with momentum 0.9 (published) or AdamW; weight decay 1e-4
     lr: float = 3e-3  # the peak learning rate of each stage, on a cosine to 0
     warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
+    # 'step': a cosine over the steps down to 0; 'epoch': as published, constant within epoch e = 1..E at
+    # lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2 with lr_min = lr x 1e-3 (learning_rate)
+    lr_schedule: Literal["step", "epoch"] = "step"  # the learning rate's cosine: per step, or per epoch
     eval_every: int = 64  # steps between held-out monitors
     heldout: int = 256  # held-out people the monitors embed
     out: str = "runs/hcmoco"  # the run's folder: config.json, stage1.pt, stage2.pt, log.jsonl, loss.png
@@ -105,12 +114,13 @@ STAGE2_OPTIONS = ("targets", "lambda_dense", "lambda_sparse", "dense_points")
 
 PRESETS = {
     "cpu": Config(),
-    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with a cosine schedule,
-    # 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
-    # published augmentation (build_dataset)
-    "paper": Config(preset="paper", hrnet="w18", image_size=320, synthetic_samples=65536, cache=False,
-                    global_loss="bank", num_negatives=16384, dense_points=400, tau=0.07, epochs=100, batch_size=224,
-                    optimizer="sgd", lr=0.03, warmup=0, eval_every=500, augment="published", lambda_sparse=1.0),
+    # supp. 1.1 and the published scripts: HRNet-W18 at 320 px, batch 224, SGD lr 0.03 with the per-epoch cosine
+    # schedule, 100 + 100 epochs, 16,384 negatives from the memory bank at tau 0.07, 400 dense points per image, the
+    # published augmentation (build_dataset), keypoint graph and BatchNorm momentum
+    "paper": Config(preset="paper", hrnet="w18", bn_momentum=0.01, keypoint_graph="published", image_size=320,
+                    synthetic_samples=65536, cache=False, global_loss="bank", num_negatives=16384, dense_points=400,
+                    tau=0.07, epochs=100, batch_size=224, optimizer="sgd", lr=0.03, warmup=0, lr_schedule="epoch",
+                    eval_every=500, augment="published", lambda_sparse=1.0),
 }
 
 
@@ -131,7 +141,8 @@ def parse_args(argv=None):
     preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)
     cfg = replace(PRESETS[preset], device=device, **given)
     cfg = replace(cfg, precision="bf16" if cli.use_bf16(cfg.precision, device) else "fp32")  # what config.json says
-    roots = {"synthetic": (), "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
+    roots = {"synthetic": (), "synthetic+mpii": ("mpii_root",), "mpii": ("mpii_root",),
+             "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
     cli.check(parser, [
         *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
         *[(getattr(cfg, r) is None, f"--{r.replace('_', '-')}: --data {cfg.data} does not read it")
@@ -142,6 +153,7 @@ def parse_args(argv=None):
         *cli.positive(cfg, ("steps",) if cfg.steps is not None else ()),
         (cfg.warmup >= 0, f"--warmup must be 0 or more, got {cfg.warmup}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (0 < cfg.bn_momentum <= 1, f"--bn-momentum must be in (0, 1], got {cfg.bn_momentum}"),
         *[(getattr(cfg, n) >= 0, f"--{n.replace('_', '-')} must be 0 or more, got {getattr(cfg, n)}")
           for n in ("lambda_global", "lambda_dense", "lambda_sparse")],
         (cfg.heldout >= 2, f"--heldout must be at least 2 (the monitors compare people), got {cfg.heldout}"),
@@ -164,7 +176,7 @@ def build_dataset(cfg):
     recipes = ("ntu", "mpii") if cfg.augment == "published" else None
     return data.pretraining_set(cfg.data, cfg.image_size, recipes,
                                 cfg.synthetic_samples, cfg.seed, cfg.cache, cfg.workers, cfg.ntu_root, cfg.mpii_root,
-                                cfg.coco_root)
+                                cfg.coco_root, cfg.mpii_split)
 
 
 def heldout_batch(image_size, n):
@@ -291,10 +303,22 @@ def model_config(cfg, stage, bank_size):
     """The HCMoCo model of a stage: stage 1 trains the sample-level term alone, stage 2 the Table 3 row
     cfg.targets; one memory-bank entry per pre-training sample."""
     return HCMoCoConfig(hrnet=cfg.hrnet, width=cfg.width, depth_encoder=cfg.depth_encoder,
-                        **TARGETS["global" if stage == 1 else cfg.targets], lambda_global=cfg.lambda_global,
-                        lambda_dense=cfg.lambda_dense, lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init,
-                        global_loss=cfg.global_loss, num_negatives=cfg.num_negatives, momentum=cfg.momentum,
-                        bank_size=bank_size, dense_points=cfg.dense_points)
+                        keypoint_graph=cfg.keypoint_graph, **TARGETS["global" if stage == 1 else cfg.targets],
+                        lambda_global=cfg.lambda_global, lambda_dense=cfg.lambda_dense,
+                        lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init, bn_momentum=cfg.bn_momentum,
+                        global_loss=cfg.global_loss,
+                        num_negatives=cfg.num_negatives, momentum=cfg.momentum, bank_size=bank_size,
+                        dense_points=cfg.dense_points)
+
+
+def learning_rate(cfg, step, total, steps_per_epoch):
+    """The learning rate of `step` of a stage of `total` steps, under cfg.lr_schedule and the linear warm-up over
+    the first cfg.warmup steps."""
+    if cfg.lr_schedule == "step":
+        return cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+    epoch, epochs = step // steps_per_epoch + 1, math.ceil(total / steps_per_epoch)  # 1-based, as published
+    warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    return warm * cli.cosine_lr(cfg.lr, epoch, epochs, floor=cfg.lr * 1e-3)
 
 
 def gather_all(t):
@@ -374,7 +398,9 @@ def moved_matching(model, batch, rgb, points, gen):
                  mask=data.warp(batch["mask"][:, None].float(), M, "nearest")[:, 0] > 0.5)
     depth = torch.cat([model.dense_embed({k: v[i:i + 64] for k, v in moved.items() if k in ("depth", "mask")}, "depth")
                        for i in range(0, B, 64)])  # [B, D, h, w]
-    centres = (pixel_grid(h, w, rgb.device) + 0.5) * rgb.new_tensor([W / w, H / h]) - 0.5  # [h*w, 2]
+    ys, xs = torch.meshgrid(torch.arange(h, device=rgb.device), torch.arange(w, device=rgb.device), indexing="ij")
+    cells = torch.stack([xs, ys], -1).flatten(0, 1).float()  # [h*w, 2] (x, y) of each cell
+    centres = (cells + 0.5) * rgb.new_tensor([W / w, H / h]) - 0.5  # [h*w, 2] in image pixels
     there = apply_affine(M, centres.expand(B, -1, -1))  # [B, h*w, 2] in the moved image
     on = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(h, w)).flatten(1) > 0
     lands = sample_at(moved["mask"][:, None].float() * (moved["depth"] > 0), there, (H, W))[..., 0] > 0.5
@@ -441,8 +467,9 @@ def for_device(model, cfg, device, rank, world):
 
 def batches(cfg, dataset, stage, start, total, rank, world, device):
     """The stage's batches for steps start..total-1 (data.StepBatches: what a step sees depends on the seed and the
-    step only)."""
-    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + STAGE_SEED * stage, start, total, rank, world)
+    step only), drawn in proportion to the dataset's `weights` when it has them (MixedDataset)."""
+    sampler = data.StepBatches(len(dataset), cfg.batch_size, cfg.seed + STAGE_SEED * stage, start, total, rank, world,
+                               getattr(dataset, "weights", None))
     # items held in memory and augmented by the training loop collate in microseconds: loader processes would only
     # compete with the training threads for the cores
     in_memory = cfg.augment == "batch" and cfg.data == "synthetic" and cfg.cache
@@ -468,7 +495,7 @@ def start_log(out, stage, start):
 
 def stage_steps(cfg, n):
     """The steps of a stage on a pre-training set of n samples: --steps, or --epochs passes over it."""
-    return cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)
+    return cfg.steps or cfg.epochs * math.ceil(n / cfg.batch_size)  # as learning_rate counts epochs
 
 
 def run_warnings(cfg, n):
@@ -485,6 +512,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     path = stage_path(cfg.out, stage)
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     total = stage_steps(cfg, len(dataset))
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
@@ -509,7 +537,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     t0 = time.time()
     with tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True) as bar:
         for step, batch in zip(range(start, total), loader):
-            lr = cli.cosine_lr(cfg.lr, step, total, cfg.warmup)
+            lr = learning_rate(cfg, step, total, per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             measured = monitors(model, heldout, initial) if lead and step % cfg.eval_every == 0 else {}

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import data
 import synthetic
-from conftest import REAL_SAMPLES, ROOT
+from conftest import REAL_SAMPLES, ROOT, write_itop
 
 J = synthetic.JOINT_INDEX
 
@@ -190,6 +190,51 @@ def test_nturgbd_registers_rgb_to_depth(tmp_path):
     assert (centre - s["keypoints"][J["head_top"]]).norm() < 1.5
 
 
+# The first 12 joints of a recorded NTU RGB+D frame (SpineBase, SpineMid, Neck, Head, Shoulder/Elbow/Wrist/Hand Left,
+# the same Right), as quoted from a .skeleton file in https://github.com/shahroudy/NTURGB-D/issues/48:
+# x y z (camera space, m), depthX depthY, colorX colorY, orientation wxyz, trackingState.
+RECORDED_NTU_JOINTS = """\
+0.2410551 -0.171228 4.294691 283.0309 224.2974 1027.245 581.2726 -0.2574076 0.123495 0.9539005 -0.09254229 2
+0.2948349 0.1012649 4.225985 288.0122 200.99 1041.686 513.5756 -0.2665294 0.1243754 0.9513921 -0.09135558 2
+0.3484591 0.3697312 4.144117 293.2654 177.1354 1056.9 444.3341 -0.2775609 0.1362276 0.9421903 -0.1291483 2
+0.3180007 0.4567953 4.108379 290.831 169.0964 1049.855 421.0554 0 0 0 0 2
+0.1822655 0.321388 4.28747 278.0624 182.3637 1012.409 459.6171 -0.281578 -0.6474488 0.683909 0.1838272 2
+0.07589981 0.1205466 4.396867 268.8376 199.7327 985.4812 510.1192 0.06034974 -0.5202456 0.3134047 0.7921364 2
+-0.05407938 0.00915651 4.244675 257.8868 208.9526 954.2135 537.0081 -0.2676778 0.8216244 -0.430342 0.2609363 1
+-0.07004753 -0.036596 4.183693 256.4259 212.9325 950.2018 548.5809 -0.34924 0.8069586 -0.2904053 0.3775105 1
+0.466928 0.2580718 4.100758 304.1543 186.7378 1088.714 472.0902 -0.09214124 0.7651293 0.5880391 -0.2455546 2
+0.5106769 0.02274908 4.083334 308.2432 207.7038 1100.851 532.8464 -0.06122642 0.9532829 0.07727568 0.2855372 2
+0.431269 -0.1834366 3.992133 302.0117 226.5302 1083.29 587.5076 0.1165461 0.2440035 -0.23478 0.9336796 2
+0.3857652 -0.2527936 4.01325 297.6592 232.7558 1070.653 605.611 0.3048452 0.2731479 0.0439797 0.9113317 2"""
+
+
+def test_ntu_left_and_right_match_mpii_on_a_recorded_frame(tmp_path):
+    """Kinect's images are mirrored: in the recorded frame the person faces the camera (by the body's chirality
+    in Kinect's right-handed camera space, x to the sensor's left, y up, z out; and both wrists are nearer the
+    camera than their shoulders), yet ShoulderLeft is on the image's left. MPII labels a person facing the camera
+    with the right shoulder on the image's left, so the reader must give Kinect's left joints MPII's right slots."""
+    joints = np.zeros((25, 12))  # joints 12-24 were not quoted: written as not tracked (state 0)
+    joints[:12] = np.array([[float(v) for v in line.split()] for line in RECORDED_NTU_JOINTS.splitlines()])
+    xyz = joints[:, :3]
+    left, up = xyz[4] - xyz[8], xyz[2] - xyz[0]  # right -> left shoulder, spine base -> neck
+    assert np.cross(left, up)[2] < 0  # the body's front (left x up) points at the camera
+    assert xyz[6, 2] < xyz[4, 2] and xyz[10, 2] < xyz[8, 2]  # wrists in front of the shoulders
+    assert joints[4, 3] < joints[8, 3] and joints[4, 5] < joints[8, 5]  # ShoulderLeft left of ShoulderRight
+    name = "S001C001P001R001A001"
+    (tmp_path / "nturgb+d_skeletons").mkdir()
+    write_skeleton(tmp_path / "nturgb+d_skeletons" / f"{name}.skeleton", [[("72057594037932358", joints)]])
+    write_jpg(tmp_path / "rgb" / name / "00001.jpg", 1080, 1920)
+    depth = np.zeros((424, 512), dtype=np.uint16)
+    depth[160:260, 240:330] = 4200
+    (tmp_path / "nturgb+d_depth_masked" / name).mkdir(parents=True)
+    Image.fromarray(depth).save(tmp_path / "nturgb+d_depth_masked" / name / "MDepth-00000001.png")
+    s = data.NTURGBD(tmp_path, image_size=128)[0]
+    kp, vis = s["keypoints"], s["keypoints_visible"]
+    for r, l in (("r_shoulder", "l_shoulder"), ("r_elbow", "l_elbow"), ("r_wrist", "l_wrist")):
+        assert vis[J[r]] and vis[J[l]] and kp[J[r], 0] < kp[J[l], 0], (r, l)
+    assert not vis[J["r_hip"]] and not vis[J["thorax"]]  # untracked Kinect joints stay invisible
+
+
 def test_fit_color_to_depth_recovers_scale_and_shift():
     c = np.random.default_rng(2).uniform(0, 1900, (20, 2))
     s, t = data.fit_color_to_depth(c, 0.27 * c + [31.0, -5.0])
@@ -265,6 +310,26 @@ def test_itop_without_h5py_says_how_to_install(monkeypatch, tmp_path):
         data.ITOP(tmp_path)
 
 
+def test_itop_reads_the_official_files_into_the_camera_frame(tmp_path):
+    """Valid frames only; joints3d in the camera frame (y down) with intrinsics that project them onto ITOP's
+    image coordinates, before and after the paired resize; the mask is the segmentation's person."""
+    written = write_itop(tmp_path, "train", 4)
+    itop = data.ITOP(tmp_path, "train")
+    assert len(itop) == 3
+    for i in range(3):
+        s = itop[i]
+        assert s["present"] == {"rgb": False, "depth": True, "keypoints": False} and s["joints3d"].shape == (15, 3)
+        torch.testing.assert_close(s["depth"][0], torch.from_numpy(written["depth"][i].astype(np.float32)))
+        assert torch.equal(s["mask"], torch.from_numpy(written["segmentation"][i] >= 0))
+        p = s["joints3d"] @ s["intrinsics"].T
+        torch.testing.assert_close(p[:, :2] / p[:, 2:], torch.from_numpy(written["image"][i]).float(), atol=1e-3,
+                                   rtol=0)
+        out = data.PairedTransform(64, train=False)(s)
+        p = out["joints3d"] @ out["intrinsics"].T
+        expected = (torch.from_numpy(written["image"][i]).float() + 0.5) * torch.tensor([64 / 320, 64 / 240]) - 0.5
+        torch.testing.assert_close(p[:, :2] / p[:, 2:], expected, atol=1e-3, rtol=0)
+
+
 def test_list_readers_name_malformed_lines(tmp_path):
     (tmp_path / "train.txt").write_text("a.jpg a.png\nb.jpg\n")
     with pytest.raises(ValueError, match="train.txt:2"):
@@ -284,8 +349,8 @@ def affine_params(transform, sample, seed):
 
 
 def test_ntu_recipe_is_one_crop_around_the_joints_without_flip_rotation_or_jitter():
-    """The published NTU RGB+D augmentation: a square crop of area 0.08-1.2 x the frame, centred inside the visible
-    joints' box, the same for every modality; no flip, no rotation, no colour jitter."""
+    """After the published NTU RGB+D augmentation: a square crop of area 0.08-1.2 x the sample's frame, centred
+    inside the visible joints' box, the same for every modality; no flip, no rotation, no colour jitter."""
     s = synthetic.SyntheticHumans(1, 64, seed=3)[0]
     t = data.PairedTransform(64, recipe="ntu")
     vis = s["keypoints_visible"]
@@ -452,3 +517,52 @@ def test_batch_augment_gives_a_rank_the_rows_of_the_whole_batch():
         half = aug(part, torch.Generator().manual_seed(7), first, 6)
         for k in ("rgb", "depth", "keypoints", "keypoints_visible", "intrinsics"):
             torch.testing.assert_close(half[k], whole[k][first:first + 3])
+
+
+# ------------------------------------------------------------------------------------------------ the published mix
+def test_weighted_steps_draw_each_part_half_the_time_with_replacement_and_resume_exactly():
+    """MixedDataset(balanced=True) + StepBatches: items drawn in proportion to 1 / their part's size (the published
+    WeightedRandomSampler, with replacement): a part of 30 and one of 270 each give half the draws; repeats within
+    an epoch; what a step sees depends on (seed, step) alone, whatever the start, ranks or the epoch drawn before."""
+    mixed = data.MixedDataset([list(range(30)), list(range(270))], balanced=True)
+    torch.testing.assert_close(mixed.weights[[0, 29, 30, 299]].float(), torch.tensor([1 / 30, 1 / 30, 1 / 270, 1 / 270]))
+    whole = [[i for i, _ in b] for b in data.StepBatches(300, 20, 5, 0, 60, weights=mixed.weights)]
+    drawn = torch.tensor(whole).flatten()
+    assert abs((drawn < 30).float().mean().item() - 0.5) < 0.05
+    assert len(set(drawn[:300].tolist())) < 250  # one epoch of 300 draws repeats items
+    resumed = [[i for i, _ in b] for b in data.StepBatches(300, 20, 5, 37, 60, weights=mixed.weights)]
+    assert resumed == whole[37:]
+    halves = [list(data.StepBatches(300, 20, 5, 10, 12, rank, 2, weights=mixed.weights)) for rank in (0, 1)]
+    assert [[i for i, _ in a + b] for a, b in zip(*halves)] == whole[10:12]
+    assert data.MixedDataset([list(range(3))]).weights is None
+
+
+def test_ntu_reader_takes_one_frame_in_thirty(tmp_path):
+    """The published pre-training reads 1 NTU RGB+D frame in 30 (143,648 frames of NTU RGB+D 60)."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "nturgb+d_skeletons").mkdir()
+    for sub in ("nturgb+d_depth_masked", "rgb"):
+        (tmp_path / sub).mkdir()
+    write_skeleton(tmp_path / "nturgb+d_skeletons" / "S001C001P001R001A001.skeleton",
+                   [[("1", random_joints(rng))] for _ in range(61)])
+    assert [t for _, t, _ in data.NTURGBD(tmp_path).items] == [0, 30, 60]
+
+
+def test_real_data_sources_mix_halves_and_the_synthetic_default_keeps_its_proportions():
+    """'synthetic+mpii' and 'mpii' on the real MPII samples (only annot/valid.json ships: the split is an
+    argument); the synthetic default stays a plain concatenation, 3/4 with depth."""
+    mpii = str(REAL_SAMPLES / "mpii")
+    mixed = data.pretraining_set("synthetic+mpii", 64, synthetic_samples=12, mpii_root=mpii, mpii_split="valid")
+    assert [len(p) for p in mixed.datasets] == [12, 5] and mixed.weights is not None
+    depth = torch.tensor([mixed[(i, 0)]["present"]["depth"] for i in range(17)])
+    assert depth.tolist() == [True] * 12 + [False] * 5
+    steps = data.StepBatches(17, 8, 0, 0, 50, weights=mixed.weights)
+    from_mpii = torch.tensor([i >= 12 for batch in steps for i, _ in batch]).float().mean().item()
+    assert abs(from_mpii - 0.5) < 0.08
+    alone = data.pretraining_set("mpii", 64, mpii_root=mpii, mpii_split="valid")
+    assert len(alone) == 5 and alone.weights is None and not alone[(0, 0)]["present"]["depth"]
+    assert alone[(0, 0)]["present"]["rgb"] and alone[(0, 0)]["keypoints_visible"].any()
+    default = data.pretraining_set("synthetic", 64, synthetic_samples=12)
+    assert [len(p) for p in default.datasets] == [9, 3] and default.weights is None
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        data.pretraining_set("mpii", 64, mpii_root=mpii)  # train.json, the published split, does not ship

@@ -35,6 +35,39 @@ def test_small_hrnet_shapes_and_every_parameter_gets_a_gradient(in_channels):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+def upsample_written_out(x, size):
+    """Bilinear resampling with pixel centres at (i + 0.5) * in / out - 0.5 (align_corners=False), borders clamped,
+    as a loop over the output pixels. x [C, h, w] -> [C, H, W]."""
+    (h, w), (H, W) = x.shape[-2:], size
+    out = torch.empty(x.shape[0], H, W)
+    for i in range(H):
+        for j in range(W):
+            y0, x0 = max((i + 0.5) * h / H - 0.5, 0.0), max((j + 0.5) * w / W - 0.5, 0.0)
+            r, c = min(int(y0), h - 1), min(int(x0), w - 1)
+            r1, c1 = min(r + 1, h - 1), min(c + 1, w - 1)
+            a, b = y0 - r, x0 - c
+            out[:, i, j] = ((1 - a) * (1 - b) * x[:, r, c] + (1 - a) * b * x[:, r, c1]
+                            + a * (1 - b) * x[:, r1, c] + a * b * x[:, r1, c1])
+    return out
+
+
+def test_hrnet_upsamples_and_averages_batch_statistics_as_published():
+    """The published HRNet: BatchNorm momentum 0.01; bilinear upsampling with align_corners=False in the fuse
+    layers and where the four branches are merged."""
+    net = E.HRNet.small(width=4).eval()
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    maps = [torch.randn(1, 4 * 2 ** k, 16 // 2 ** k, 12 // 2 ** k) for k in range(4)]
+    merged = E.merge_maps(maps)[0]  # [60, 16, 12]
+    expected = torch.cat([maps[0][0]] + [upsample_written_out(m[0], (16, 12)) for m in maps[1:]])
+    torch.testing.assert_close(merged, expected)
+    module = net.stage3[0]  # 3 branches: branch 0 receives branches 1 and 2 upsampled
+    xs = [torch.randn(1, 4 * 2 ** k, 16 // 2 ** k, 12 // 2 ** k) for k in range(3)]
+    with torch.no_grad():
+        ys = [branch(x) for branch, x in zip(module.branches, xs)]
+        fused = ys[0][0] + sum(upsample_written_out(module.fuse_layers[0][j](ys[j])[0], (16, 12)) for j in (1, 2))
+        torch.testing.assert_close(module(xs)[0][0], fused.relu())
+
+
 def test_load_pretrained_reports_and_skips_mismatches(tmp_path, capsys):
     src = E.HRNet.small(width=8)
     state = {"module." + k: v for k, v in src.state_dict().items()}
@@ -131,8 +164,25 @@ def test_three_nn_interpolation_reproduces_source_values():
     torch.testing.assert_close(E.three_nn_interpolate(src, src, f), f, atol=1e-4, rtol=1e-4)
 
 
+def test_pointnet2_default_is_the_published_configuration():
+    """networks/pointnet2_msg.py: 4 multi-scale levels 4,096 -> 64 centres, radii 0.025-1.0, MLPs of Conv + BN +
+    ReLU, 4 propagations back to 128 channels per point."""
+    net = E.PointNet2()
+    assert [sa.npoint for sa in net.sa] == [4096, 1024, 256, 64] and [sa.nsamples for sa in net.sa] == [(16, 32)] * 4
+    assert [sa.radii for sa in net.sa] == [(0.025, 0.125), (0.125, 0.25), (0.25, 0.5), (0.5, 1.0)]
+    widths = [[[c.out_channels for c in mlp if isinstance(c, torch.nn.Conv2d)] for mlp in sa.mlps] for sa in net.sa]
+    assert widths == [[[16, 32], [32, 64]], [[64, 128], [64, 128]], [[128, 256], [128, 256]], [[256, 512], [256, 512]]]
+    assert [sa.mlps[0][0].in_channels for sa in net.sa] == [3, 96 + 3, 256 + 3, 512 + 3]  # + the relative xyz
+    fp = [[(c.in_channels, c.out_channels) for c in f.mlp if isinstance(c, torch.nn.Conv1d)] for f in net.fp]
+    assert fp == [[(256, 128), (128, 128)], [(512 + 96, 256), (256, 256)], [(512 + 256, 512), (512, 512)],
+                  [(1024 + 512, 512), (512, 512)]]
+    assert net.out_channels == 128
+    assert all(isinstance(m[k + 1], torch.nn.BatchNorm1d) and isinstance(m[k + 2], torch.nn.ReLU)
+               for f in net.fp for m in [f.mlp] for k in range(0, len(m), 3))
+
+
 def test_pointnet2_shapes_and_gradients():
-    net = E.PointNet2(in_features=1, out_channels=16, npoints=(32, 16, 8), width=4)
+    net = E.PointNet2.small(in_features=1, out_channels=16, npoints=(32, 16, 8), width=4)
     pts = torch.rand(2, 100, 3)
     out = net(pts, pts[..., 2:], valid=torch.rand(2, 100) > 0.2)
     assert out.shape == (2, 16, 100)
@@ -140,17 +190,10 @@ def test_pointnet2_shapes_and_gradients():
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_depth_to_points_and_back_to_a_map():
+def test_depth_to_points_back_projects_every_pixel():
     K = torch.tensor([[[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]]])
     depth = torch.zeros(1, 1, 6, 8)
     depth[0, 0, 1, 2] = 2.0
     pts, valid = E.depth_to_points(depth, K)
     assert valid.sum() == 1
     torch.testing.assert_close(pts[0, 1 * 8 + 2], torch.tensor([(2 - 4) * 2 / 10, (1 - 3) * 2 / 10, 2.0]))
-    feats = torch.arange(48.0).view(1, 1, 48)
-    grid = E.pixel_grid(6, 8)[None]
-    full = E.points_to_map(feats, grid, torch.ones(1, 48, dtype=torch.bool), (6, 8), (3, 4))
-    # each 2x2 cell averages its 4 pixels
-    torch.testing.assert_close(full[0, 0, 0, 0], torch.tensor((0 + 1 + 8 + 9) / 4))
-    only = E.points_to_map(feats, grid, valid, (6, 8), (3, 4))
-    assert only[0, 0, 0, 1] == 10.0 and only.count_nonzero() == 1

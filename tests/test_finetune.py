@@ -15,7 +15,7 @@ import experiments
 import finetune
 import synthetic
 import train
-from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint
+from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint, write_itop
 
 TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "40", "--batch-size", "4",
         "--workers", "0"]
@@ -80,6 +80,23 @@ def test_each_head_trains_and_reports_its_metrics(task, tmp_path, capsys):
     model, cfg = finetune.load_finetuned(tmp_path)
     again = finetune.evaluate(model, finetune.datasets(cfg)[1], cfg, torch.device("cpu"))
     assert all(abs(again[k] - m[k]) < 1e-6 for k in keys if k != "iou")
+
+
+def test_depth_pose_on_itop_files(tmp_path):
+    """--itop-root: depth-pose trains on ITOP's train split and tests on its test split, ITOP's 15 joints."""
+    write_itop(tmp_path / "itop", "train", 6, seed=0)
+    write_itop(tmp_path / "itop", "test", 4, seed=1)
+    m = finetune.main(["--task", "depth-pose", "--itop-root", str(tmp_path / "itop"), "--out", str(tmp_path / "run"),
+                       *TINY])
+    assert {"acc10cm", "mpjpe_cm"} <= set(m) and m["train_images"] == 5
+    model, cfg = finetune.load_finetuned(tmp_path / "run")
+    assert model.head.joints == 15 and cfg.itop_root == str(tmp_path / "itop")
+    for args, message in ((["--task", "rgb-parsing"], "--itop-root does not go with --task rgb-parsing"),
+                          (["--task", "depth-pose", "--itop-root", str(tmp_path / "none")], "is not a folder")):
+        argv = [*args, "--out", str(tmp_path / "x")] + (["--itop-root", str(tmp_path / "itop")] if "--itop-root"
+                                                        not in args else [])
+        result = subprocess.run([sys.executable, "finetune.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")

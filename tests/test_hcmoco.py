@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import data
 import hcmoco
+import losses
 import synthetic
 
 SIZE = 48
@@ -110,6 +111,29 @@ def test_normalized_keypoints_are_pelvis_relative_and_scale_free():
     torch.testing.assert_close(hcmoco.normalized_keypoints(far, vis), out)
 
 
+def test_published_keypoint_graph_hangs_the_shoulders_from_the_neck_and_lets_invisible_joints_talk():
+    """keypoint_graph='published' (networks/SGCN): shoulders connect to the upper neck, not the thorax, and an
+    invisible joint is a joint with input 0 that passes messages like any other. So hiding a joint equals
+    showing it at the pelvis (offset 0, the same input); under 'masked' hiding it also silences it."""
+    J = synthetic.JOINT_INDEX
+    batch = batch_of()
+    batch["keypoints_visible"][:] = True
+    shown = {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in batch.items()}
+    shown["keypoints"][:, J["l_wrist"]] = shown["keypoints"][:, hcmoco.PELVIS]
+    hidden = {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in shown.items()}
+    hidden["keypoints_visible"][:, J["l_wrist"]] = False
+    for graph, same in (("published", True), ("masked", False)):
+        torch.manual_seed(0)
+        model = tiny(keypoint_graph=graph).eval()
+        adjacency = model.encoders["keypoints"].input.gconv.adjacency
+        neck = J["upper_neck"] if graph == "published" else J["thorax"]
+        for shoulder, elbow in (("r_shoulder", "r_elbow"), ("l_shoulder", "l_elbow")):
+            assert adjacency[J[shoulder]].nonzero().flatten().tolist() == sorted([J[shoulder], J[elbow], neck])
+        with torch.no_grad():
+            a, b = (model.embed(x)["sparse"]["keypoints"] for x in (shown, hidden))
+        assert torch.allclose(a, b, atol=1e-6) == same, graph
+
+
 def test_joint_features_are_sampled_where_the_joints_are():
     """A map whose value is the image x-coordinate of each cell's centre returns each keypoint's own x."""
     H = W = 32
@@ -204,12 +228,60 @@ def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
     assert results["global+hard"] != results["global+soft"]
 
 
+def small_pointnet(**kw):
+    model = tiny(depth_encoder="pointnet", **kw)
+    model.encoders["depth"] = hcmoco.PointNet2.small(npoints=(64, 32, 16), width=4)  # smaller still, for speed
+    return model
+
+
 def test_pointnet_depth_encoder_variant():
-    model = tiny(depth_encoder="pointnet", pointnet_points=256)
-    model.encoders["depth"] = hcmoco.PointNet2(out_channels=60, npoints=(64, 32, 16), width=4)  # small, for speed
+    model = small_pointnet(pointnet_points=256)
     loss, terms = model(batch_of())
     loss.backward()
-    assert terms["dense"] > 0 and model.encoders["depth"].fp1.mlp[0].weight.grad.abs().sum() > 0
+    assert terms["dense"] > 0 and model.encoders["depth"].fp[0].mlp[0].weight.grad.abs().sum() > 0
+    assert model.dense_mappers["depth"][0].weight.grad.abs().sum() > 0
+
+
+def test_pointnet_features_reach_every_pixel_from_the_nearest_points():
+    """As published: points drawn with replacement from the person's depth pixels; the pooled features are the
+    mean over the drawn points; the dense map gives every pixel of the 1/4 grid the mapped features of its 3
+    nearest drawn points (off the person at the person's mean depth). With two person pixels A and B every grid
+    pixel takes A's or B's features, whichever is nearer in 3D."""
+    class Coordinates(torch.nn.Module):  # features that tell points apart (PointNet++ sees relative xyz only)
+        def forward(self, points, valid):
+            return points.transpose(1, 2).repeat(1, 43, 1)[:, :128]  # [B, 128, n]
+
+    model = small_pointnet(pointnet_points=64).eval()
+    model.encoders["depth"] = Coordinates()
+    depth, person = torch.zeros(1, 1, SIZE, SIZE), torch.zeros(1, 1, SIZE, SIZE, dtype=torch.bool)
+    (ya, xa), (yb, xb) = (8, 12), (37, 41)  # in the 1/4 grid's cells (2, 3) and (9, 10); no grid pixel ties
+    for y, x in ((ya, xa), (yb, xb)):
+        depth[0, 0, y, x], person[0, 0, y, x] = 2.0, True
+    K = torch.tensor([[[50.0, 0, 24], [0, 50.0, 24], [0, 0, 1]]])
+    seen = []
+    model.encoders["depth"].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        pooled, dense = model.pointnet_features(depth, person, K)
+    torch.testing.assert_close(pooled, seen[0].mean(dim=2))
+    a, b = dense[0, :, ya // 4, xa // 4], dense[0, :, yb // 4, xb // 4]
+    assert not torch.allclose(a, b)
+    xy = torch.stack(torch.meshgrid(torch.arange(12.0) * 4, torch.arange(12.0) * 4, indexing="ij"), -1)  # (y, x)
+    nearer_a = (xy - torch.tensor([ya, xa])).norm(dim=-1) < (xy - torch.tensor([yb, xb])).norm(dim=-1)  # all at 2 m
+    expected = torch.where(nearer_a, a[:, None, None], b[:, None, None])  # [D, 12, 12]
+    torch.testing.assert_close(dense[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mmv_baseline_replaces_eq2_with_fine_and_coarse_nce():
+    """global_loss='mmv': the sample-level term is losses.fine_and_coarse_loss on the global embeddings (RGB and
+    depth fine, keypoints coarse, RGB projected into the coarse space by a learnt linear map); it trains."""
+    model = tiny(targets="global", global_loss="mmv")
+    batch = batch_of()
+    loss, terms = model(batch)
+    emb = model.embed(batch)["global"]
+    coarse = {"rgb": F.normalize(model.fine_to_coarse(emb["rgb"]), dim=-1), "keypoints": emb["keypoints"]}
+    torch.testing.assert_close(terms["global"], losses.fine_and_coarse_loss(emb, coarse, batch["present"], 0.07))
+    loss.backward()
+    assert model.fine_to_coarse.weight.grad.abs().sum() > 0 and not hasattr(model, "bank")
 
 
 def test_bad_config_names_the_option():

@@ -336,3 +336,29 @@ def test_batch_contrastive_loss_is_eq2_with_the_batch_as_negatives():
             want += sum(nll) / len(nll)
     got = losses.batch_contrastive_loss(feats, present, tau=0.2)
     assert abs(float(got) - want) < 1e-9
+
+
+def test_mmv_fine_and_coarse_loss_is_its_written_out_sum():
+    """MMV's FAC: RGB-depth NCE in the fine space plus RGB-keypoints NCE in the coarse space, each in both
+    directions over the rows where both sides are present, negatives the batch's rows of the other side. Checked
+    by a loop; the coarse RGB embedding enters only the second NCE, the fine keypoint one (absent) nowhere."""
+    B, tau = 5, 0.3
+    fine = {m: torch.randn(B, 6, dtype=torch.float64) for m in ("rgb", "depth")}
+    coarse = {m: torch.randn(B, 6, dtype=torch.float64) for m in ("rgb", "keypoints")}
+    present = {"rgb": torch.tensor([True, True, True, False, True]),
+               "depth": torch.tensor([True, False, True, True, True]),
+               "keypoints": torch.tensor([True, True, False, True, True])}
+
+    def nce(fa, fb, a, b):
+        total = 0.0
+        for x, y, p, q in ((fa, fb, a, b), (fb, fa, b, a)):  # both directions
+            rows = [i for i in range(B) if present[p][i] and present[q][i]]
+            nll = [-math.log(math.exp(float(unit(x[i]) @ unit(y[i])) / tau)
+                             / sum(math.exp(float(unit(x[i]) @ unit(y[k])) / tau) for k in range(B) if present[q][k]))
+                   for i in rows]
+            total += sum(nll) / len(nll)
+        return total
+
+    want = nce(fine["rgb"], fine["depth"], "rgb", "depth") + nce(coarse["rgb"], coarse["keypoints"], "rgb", "keypoints")
+    got = losses.fine_and_coarse_loss(fine, coarse, present, tau)
+    assert abs(float(got) - want) < 1e-9

@@ -2,20 +2,23 @@
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import data
+import finetune
 import hcmoco
 import train
-from conftest import BAD_CHECKPOINTS, write_bad_checkpoint
+from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, write_bad_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
@@ -364,11 +367,59 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
 def test_paper_preset_has_the_published_resolution_and_augmentation():
     cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
     assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
+    assert train.model_config(cfg, 2, 8).keypoint_graph == "published"
+    assert train.model_config(train.PRESETS["cpu"], 2, 8).keypoint_graph == "masked"
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
     assert cfg.lambda_sparse == 1.0 and cfg.augment == "published"
     # the CPU preset augments whole batches in the training loop (data.BatchAugment): its items come untransformed
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert cpu.augment == "batch" and not any(isinstance(p, data.Transformed) for p in train.build_dataset(cpu).datasets)
+
+
+@pytest.mark.parametrize("source", ["synthetic+mpii", "mpii"])
+def test_pretraining_on_the_real_mpii_samples(tmp_path, source):
+    """--data synthetic+mpii (real MPII without depth, mixed by masking with synthetic people) and --data mpii run
+    on the real MPII files that ship; they hold annot/valid.json only, so --mpii-split valid."""
+    mpii = ["--data", source, "--mpii-root", str(REAL_SAMPLES / "mpii"), "--mpii-split", "valid"]
+    with pytest.raises(SystemExit, match="train.json"):  # the published split by default
+        run(tmp_path / "default", *mpii[:4], "--stage", "1", "--steps", "1")
+    run(tmp_path, *mpii, "--stage", "2", "--steps", "2", "--lambda-dense", "0")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if "loss" in r] == [1, 1, 2, 2]
+    assert all(math.isfinite(r["loss"]) and r["global"] > 0 for r in rows if "loss" in r)
+    assert json.loads((tmp_path / "config.json").read_text())["mpii_split"] == "valid"
+
+
+def test_the_mmv_baseline_is_a_sample_level_loss_of_both_stages():
+    cfg = train.parse_args(["--global-loss", "mmv", "--device", "cpu"])
+    assert train.model_config(cfg, 1, 8).global_loss == train.model_config(cfg, 2, 8).global_loss == "mmv"
+
+
+def test_batchnorm_momentum_is_the_published_one_but_in_the_cpu_preset():
+    """The paper preset's HRNets average their BatchNorm statistics with momentum 0.01, as published; the CPU
+    preset keeps 0.1 (measured: README), and so do checkpoints saved before the option and fine-tuning's scratch."""
+    def momenta(cfg):
+        return {m.momentum for m in hcmoco.build_hrnet(replace(cfg, hrnet="small", width=4)).modules()
+                if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta(train.model_config(train.PRESETS["paper"], 1, 8)) == {0.01}
+    assert momenta(train.model_config(train.PRESETS["cpu"], 1, 8)) == {0.1}
+    assert hcmoco.HCMoCoConfig().bn_momentum == 0.01 and hcmoco.HCMoCoConfig.from_dict({}).bn_momentum == 0.1
+    assert momenta(finetune.scratch_config(finetune.Config())) == {0.1}
+
+
+def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path):
+    """As published (learning/base_trainer.py, --cosine): constant within an epoch; epoch e = 1..E at
+    lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2, lr_min = lr x 1e-3, so the last epoch runs at lr_min."""
+    assert (train.PRESETS["paper"].lr_schedule, train.PRESETS["cpu"].lr_schedule) == ("epoch", "step")
+    cfg, E, per_epoch = train.PRESETS["paper"], 100, 7
+    lrs = [train.learning_rate(cfg, step, E * per_epoch, per_epoch) for step in range(E * per_epoch)]
+    for e in range(1, E + 1):
+        expected = 3e-5 + (0.03 - 3e-5) * (1 + math.cos(math.pi * e / E)) / 2
+        assert lrs[(e - 1) * per_epoch:e * per_epoch] == pytest.approx([expected] * per_epoch)
+    assert lrs[-1] == pytest.approx(3e-5)
+    run(tmp_path, "--stage", "1", "--epochs", "2", "--lr", "0.01", "--lr-schedule", "epoch")  # 3 steps an epoch
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([(0.01 + 1e-5) / 2] * 3 + [1e-5] * 3)
 
 
 def test_backbone_init_loads_an_official_checkpoint_into_both_hrnets(tmp_path, capsys):
