@@ -402,16 +402,18 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     return path
 
 
-def pretrain(cfg, rank=0, world=1):
+def pretrain(cfg, rank=0, world=1, dataset=None):
     """Stages 1..cfg.stage of a complete Config (parse_args's): a finished stage file in cfg.out is reused; the
-    pre-training set is built (rendered, read) only when a stage has to train. Writes cfg.out/config.json; returns
-    the stage files' paths."""
+    pre-training set is built (rendered, read) only when a stage has to train. `dataset`, when given, is trained on
+    instead of the one cfg describes: items indexed by (index, augmentation seed), as data.MixedDataset of
+    data.Transformed parts gives them (docs/own-dataset.md). Writes cfg.out/config.json; returns the stage files'
+    paths."""
     log = print if rank == 0 else (lambda *a: None)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         cli.save_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    paths, dataset = [], None
+    paths = []
     for stage in range(1, cfg.stage + 1):
         path = os.path.join(cfg.out, f"stage{stage}.pt")
         if os.path.exists(path) and load_stage(path)["done"]:
