@@ -192,31 +192,96 @@ class HRNet(nn.Module):
             xs = getattr(self, f"stage{k}")(xs)
         return xs  # [B, w, H/4, W/4], [B, 2w, H/8, W/8], [B, 4w, H/16, W/16], [B, 8w, H/32, W/32]
 
+    # the configurations HRNet.describe names, in the constructor's arguments (width and in_channels aside)
+    PUBLISHED = dict(stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3))  # HRNetV2-W18 / W32 / W48
+    SMALL = dict(stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1))  # HRNet.small
+
+    @staticmethod
+    def architecture(state):
+        """The constructor arguments of the HRNet that a state_dict with the official names belongs to, read from
+        its tensors: in_channels and stem_channels from the stem convolutions, the width from stage 2's first
+        branch, and the numbers of stem Bottlenecks, blocks per branch and modules per stage from the indices in
+        the names. ValueError naming the first tensor it needs and lacks."""
+        def count(prefix, suffix):  # distinct integers i in the names prefix{i}suffix
+            return len({k[len(prefix):-len(suffix)] for k in state if k.startswith(prefix) and k.endswith(suffix)
+                        and k[len(prefix):-len(suffix)].isdigit()})
+
+        for key in ("conv2.weight", "stage2.0.branches.0.0.conv1.weight"):
+            if key not in state:
+                raise ValueError(f"no {key}")
+        return dict(width=state["stage2.0.branches.0.0.conv1.weight"].shape[0],
+                    in_channels=state["conv1.weight"].shape[1] if "conv1.weight" in state else 3,
+                    stem_channels=state["conv2.weight"].shape[0], stem_blocks=count("layer1.", ".conv1.weight"),
+                    blocks=count("stage2.0.branches.0.", ".conv1.weight"),
+                    modules=tuple(count(f"stage{k}.", ".branches.0.0.conv1.weight") for k in (2, 3, 4)))
+
+    @classmethod
+    def describe(cls, arch):
+        """A line naming the configuration of HRNet.architecture's `arch`: HRNetV2-W<width> for the published
+        ones, HRNet.small(width=...) for the CPU one (which is not W18), the arguments otherwise."""
+        rest = {k: v for k, v in arch.items() if k not in ("width", "in_channels")}
+        w = arch["width"]
+        shape = (f"widths {w}-{2 * w}-{4 * w}-{8 * w}, stem {rest['stem_channels']} channels with "
+                 f"{rest['stem_blocks']} Bottleneck(s), {rest['blocks']} BasicBlock(s) per branch, modules "
+                 + "-".join(map(str, rest["modules"])) + f" in stages 2-3-4, {arch['in_channels']} input channels")
+        if rest == cls.PUBLISHED:
+            return f"HRNetV2-W{w}, the published configuration ({shape})"
+        name = f"HRNet.small(width={w}), not HRNet-W18" if rest == cls.SMALL else "HRNet(" + ", ".join(
+            f"{k}={v}" for k, v in arch.items()) + ")"
+        return f"{name} ({shape})"
+
+    @classmethod
+    def from_pretrained(cls, path, init="official"):
+        """(net, report): an HRNet of the configuration of the file at `path` (HRNet.architecture), with the file's
+        weights (load_pretrained); `init` for what the file lacks."""
+        state = hrnet_state(path)
+        try:
+            arch = cls.architecture(state)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e
+        net = cls(**arch, init=init)
+        return net, net.load_pretrained(path)
+
     def load_pretrained(self, path):
         """Load an official HRNet checkpoint (e.g. hrnetv2_w18_imagenet_pretrained.pth) with strict=False.
 
-        Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' / 'backbone.' prefixes.
-        Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Returns and prints the report
-        {'missing': [...], 'unexpected': [...], 'mismatched': [...]}. Any other file raises CheckpointError."""
-        expected = "an HRNet state_dict"
-        state = load_checkpoint(path, expected)
-        for key in ("state_dict", "model"):
-            state = state.get(key, state) if isinstance(state, dict) else state
-        if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-            raise CheckpointError(f"{path}: not {expected} (no dict of tensors, bare or under 'state_dict' / 'model')")
+        Accepts what hrnet_state reads. Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped.
+        Returns and prints the report {'missing': [...], 'unexpected': [...], 'mismatched': [...]}. A file of
+        another configuration (HRNet.architecture, the input channels aside) or any other file raises
+        CheckpointError."""
+        state = hrnet_state(path)
         own = self.state_dict()
-        clean = {}
-        for k, v in state.items():
-            for prefix in ("module.", "backbone."):
-                k = k[len(prefix):] if k.startswith(prefix) else k
-            clean[k] = v
-        mismatched = [k for k, v in clean.items() if k in own and own[k].shape != v.shape]
-        result = self.load_state_dict({k: v for k, v in clean.items() if k not in mismatched}, strict=False)
+        try:
+            theirs, mine = self.architecture(state), self.architecture(own)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e
+        if dict(theirs, in_channels=0) != dict(mine, in_channels=0):
+            raise CheckpointError(f"{path}: holds an {self.describe(theirs)}; this network is an "
+                                  f"{self.describe(mine)}")
+        mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        result = self.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
         report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
                   "mismatched": mismatched}
         print(f"HRNet.load_pretrained({path}): {len(own) - len(report['missing'])}/{len(own)} tensors loaded, "
               + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
         return report
+
+
+def hrnet_state(path):
+    """The tensors of an official-format HRNet file: a bare state_dict or one under 'state_dict' / 'model', with
+    'module.' / 'backbone.' prefixes removed. Any other file raises CheckpointError."""
+    expected = "an HRNet state_dict"
+    state = load_checkpoint(path, expected)
+    for key in ("state_dict", "model"):
+        state = state.get(key, state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise CheckpointError(f"{path}: not {expected} (no dict of tensors, bare or under 'state_dict' / 'model')")
+    clean = {}
+    for k, v in state.items():
+        for prefix in ("module.", "backbone."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        clean[k] = v
+    return clean
 
 
 def merge_maps(maps):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import cli
 import data
 import synthetic
-from encoders import CheckpointError, back_project, load_checkpoint, merge_maps
+from encoders import CheckpointError, HRNet, back_project, load_checkpoint, merge_maps
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, person_depth
 
 NUM_CLASSES = 25
@@ -283,7 +283,8 @@ def backbone_input(batch, modality):
 def load_backbone(init, modality, default_cfg):
     """(backbone, report). scratch: a fresh HRNet of `default_cfg`; a train.py checkpoint: its
     encoders.<modality> weights in an HRNet of the checkpoint's config; anything else: an external HRNet
-    state_dict through HRNet.load_pretrained."""
+    state_dict (ImageNet weights, export.py's file) in an HRNet of the file's own configuration
+    (HRNet.from_pretrained), `default_cfg.init` for what it lacks."""
     if init == "scratch":
         return build_hrnet(default_cfg), {}
     ckpt = load_checkpoint(init, "a train.py checkpoint or an HRNet state_dict")
@@ -296,8 +297,7 @@ def load_backbone(init, modality, default_cfg):
         print(f"loaded {len(state) - len(report['unexpected'])} {modality} backbone tensors from {init}; "
               f"missing: {len(report['missing'])}")
         return net, report
-    net = build_hrnet(default_cfg)
-    return net, net.load_pretrained(init)
+    return HRNet.from_pretrained(init, default_cfg.init)
 
 
 class Finetuner(nn.Module):
