@@ -1,9 +1,11 @@
-"""The code in docs/ runs as written: docs/own-dataset.md's blocks are executed in order, in a fresh folder."""
+"""What the documents state holds: docs/own-dataset.md's code runs as written (its blocks executed in order, in a
+fresh folder); the README's BibTeX and CITATION.cff cite the same paper under the licence in LICENSE."""
 import json
 import re
 
 import numpy as np
 import torch
+import yaml
 
 import synthetic
 from conftest import ROOT
@@ -37,3 +39,15 @@ def test_own_dataset_page_pretrains_on_the_folder_it_writes(tmp_path, monkeypatc
     rows = [json.loads(line) for line in (tmp_path / "runs" / "my_people" / "log.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-2]["dense"] > 0  # depth was mixed in
+
+
+def test_readme_bibtex_and_citation_file_cite_the_same_paper_under_the_mit_licence():
+    readme = (ROOT / "README.md").read_text()
+    bib = dict(re.findall(r"^\s*(\w+)\s*=\s*\{(.*)\},?$", re.search(r"```bibtex\n(.*?)```", readme, re.S).group(1), re.M))
+    paper = yaml.safe_load((ROOT / "CITATION.cff").read_text())["preferred-citation"]
+    assert bib["title"] == paper["title"] and bib["booktitle"] == paper["collection-title"]
+    assert bib["author"] == " and ".join(f"{a['family-names']}, {a['given-names']}" for a in paper["authors"])
+    assert bib["pages"] == f"{paper['start']}--{paper['end']}" and bib["year"] == str(paper["year"])
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["license"] == "MIT"
+
