@@ -217,6 +217,36 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         matplotlib.use(before)
 
 
+def test_loss_plot_labels_its_axes_and_the_stage_boundary_and_has_no_empty_panel(tmp_path):
+    """loss.png of a two-stage log: a panel per logged series, each with a title and labelled axes, retrieval and
+    the dense match in percent, stage 2 drawn after stage 1's last step behind a dashed line that each x axis names."""
+    monitors = dict(retrieval=0.25, cos_rgb=0.9, cos_depth=0.8, cos_keypoints=0.7, dense_acc=0.5, dense_acc_other=0.2,
+                    conv_cos_rgb=1.0, conv_cos_depth=1.0, conv_norm_rgb=9.0, conv_norm_depth=9.1)
+    rows = [{"stage": 1, "step": 0, "loss": 5.0, "global": 5.0, **monitors},
+            {"stage": 1, "step": 1, "loss": 4.0, "global": 4.0},
+            {"stage": 1, "step": 2, **monitors},  # the monitors after the last update
+            {"stage": 2, "step": 0, "loss": 9.0, "global": 4.0, "dense": 3.0, "sparse": 2.0, **monitors},
+            {"stage": 2, "step": 1, **monitors, "retrieval": 0.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = train.plot_log(str(tmp_path))
+    assert len(fig.axes) == 9 and (tmp_path / "loss.png").stat().st_size > 1000
+    for ax in fig.axes:
+        assert ax.get_lines() and ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        assert ax.get_xlabel() == "training step; stage 2 from step 3 (dashed)"
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [3]
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    retrieval = by_title["held-out retrieval, top-1"]
+    assert "%" in retrieval.get_ylabel()
+    assert list(retrieval.get_lines()[0].get_xdata()) == [0, 2, 3, 4]  # stage 2 counted on from stage 1's 3 steps
+    assert list(retrieval.get_lines()[0].get_ydata()) == [25.0, 25.0, 25.0, 50.0]
+    assert "%" in by_title["dense match: RGB pixel finds its depth cell"].get_ylabel()
+    assert by_title["total loss (Eq. 1)"].get_ylabel() == "nats"
+    # stage 1 alone: no boundary, and no panels for the terms it does not train
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    fig = train.plot_log(str(tmp_path))
+    assert len(fig.axes) == 7 and all(ax.get_lines() and ax.get_xlabel() == "training step" for ax in fig.axes)
+
+
 def test_paper_preset_has_the_published_resolution_and_augmentation():
     cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
     assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
