@@ -1,9 +1,13 @@
 """What the documents state holds: docs/own-dataset.md's code runs as written (its blocks executed in order, in a
-fresh folder); the README's BibTeX and CITATION.cff cite the same paper under the licence in LICENSE."""
+fresh folder); the README's BibTeX and CITATION.cff cite the same paper under the licence in LICENSE; the code
+parses as the oldest Python the README names."""
+import ast
+import inspect
 import json
 import re
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -15,6 +19,7 @@ def python_blocks(doc):
     return re.findall(r"^```python\n(.*?)^```", (ROOT / doc).read_text(), flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_own_dataset_page_pretrains_on_the_folder_it_writes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = python_blocks("docs/own-dataset.md")
@@ -51,3 +56,17 @@ def test_readme_bibtex_and_citation_file_cite_the_same_paper_under_the_mit_licen
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["license"] == "MIT"
 
+
+def test_the_code_parses_as_the_oldest_python_the_readme_names():
+    oldest = re.search(r"Python (3\.\d+) or newer", (ROOT / "README.md").read_text()).group(1)
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("notebooks/*.py")]:
+        ast.parse(path.read_text(), str(path), feature_version=tuple(map(int, oldest.split("."))))
+
+
+def test_the_fast_part_the_readme_names_runs_no_notebook():
+    """`python -m pytest -q -m "not slow"` leaves out every test that executes a notebook."""
+    import test_notebooks
+    tests = [f for name, f in vars(test_notebooks).items() if name.startswith("test_") and callable(f)]
+    executing = [f for f in tests if "NotebookClient(" in inspect.getsource(f)]
+    assert executing and all("slow" in {m.name for m in getattr(f, "pytestmark", [])} for f in executing)
+    assert '-m "not slow"' in (ROOT / "README.md").read_text()

@@ -22,6 +22,7 @@ def test_notebooks_are_stored_without_outputs():
         assert not stale, f"{name}: cells {stale} have stored outputs; clear them before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)

@@ -35,6 +35,7 @@ def test_help_lists_the_options():
         assert option in out, option
 
 
+@pytest.mark.slow
 def test_two_stages_chain_and_log(tmp_path, capsys):
     run(tmp_path, "--stage", "1", "--steps", "3", "--global-loss", "bank")
     s1 = weights(tmp_path / "stage1.pt")
@@ -61,6 +62,7 @@ def test_two_stages_chain_and_log(tmp_path, capsys):
     torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     run(tmp_path / "a", "--stage", "1", "--steps", "4")
     calls = {"n": 0}
@@ -99,6 +101,7 @@ def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
         assert train.read_log(str(tmp_path)) == [{"stage": 1, "step": 0, "loss": 5.0}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["ctrl-c", "disk full"])
 def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch, capsys, failure):
     path, save, before = tmp_path / "stage1.pt", torch.save, []
@@ -122,6 +125,7 @@ def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_
         assert e.value.code == f"error: could not write {path} (No space left on device); the previous one is kept"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = hcmoco.HCMoCo.forward
@@ -189,6 +193,7 @@ def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, m
     assert file.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train.py",
            *TINY, "--stage", "1", "--steps", "2", "--out", str(tmp_path)]
