@@ -195,6 +195,58 @@ class HRNet(nn.Module):
             xs = getattr(self, f"stage{k}")(xs)
         return xs  # [B, w, H/4, W/4], [B, 2w, H/8, W/8], [B, 4w, H/16, W/16], [B, 8w, H/32, W/32]
 
+    # the configurations HRNet.describe names, in the constructor's arguments (width and in_channels aside)
+    PUBLISHED = dict(stem_channels=64, stem_blocks=4, blocks=4, modules=(1, 4, 3))  # HRNetV2-W18 / W32 / W48
+    SMALL = dict(stem_channels=32, stem_blocks=1, blocks=1, modules=(1, 1, 1))  # HRNet.small
+
+    @staticmethod
+    def architecture(state):
+        """The constructor arguments of the HRNet that a state_dict with the official names belongs to, read from
+        its tensors: in_channels and stem_channels from the stem convolutions, the width from stage 2's first
+        branch, and the numbers of stem Bottlenecks, blocks per branch and modules per stage from the indices in
+        the names. ValueError naming the first tensor it needs and lacks."""
+        def count(prefix, suffix):  # distinct integers i in the names prefix{i}suffix
+            return len({k[len(prefix):-len(suffix)] for k in state if k.startswith(prefix) and k.endswith(suffix)
+                        and k[len(prefix):-len(suffix)].isdigit()})
+
+        for key in ("conv2.weight", "stage2.0.branches.0.0.conv1.weight"):
+            if key not in state:
+                raise ValueError(f"no {key}")
+        return dict(width=state["stage2.0.branches.0.0.conv1.weight"].shape[0],
+                    in_channels=state["conv1.weight"].shape[1] if "conv1.weight" in state else 3,
+                    stem_channels=state["conv2.weight"].shape[0], stem_blocks=count("layer1.", ".conv1.weight"),
+                    blocks=count("stage2.0.branches.0.", ".conv1.weight"),
+                    modules=tuple(count(f"stage{k}.", ".branches.0.0.conv1.weight") for k in (2, 3, 4)))
+
+    @classmethod
+    def describe(cls, arch):
+        """A line naming the configuration of HRNet.architecture's `arch`: HRNetV2-W<width> for the published
+        ones, HRNet.small(width=...) for the CPU one (which is not W18), the arguments otherwise."""
+        rest = {k: v for k, v in arch.items() if k not in ("width", "in_channels")}
+        w = arch["width"]
+        shape = (f"widths {w}-{2 * w}-{4 * w}-{8 * w}, stem {rest['stem_channels']} channels with "
+                 f"{rest['stem_blocks']} Bottleneck(s), {rest['blocks']} BasicBlock(s) per branch, modules "
+                 + "-".join(map(str, rest["modules"])) + f" in stages 2-3-4, {arch['in_channels']} input channels")
+        if rest == cls.PUBLISHED:
+            return f"HRNetV2-W{w}, the published configuration ({shape})"
+        name = f"HRNet.small(width={w}), not HRNet-W18" if rest == cls.SMALL else "HRNet(" + ", ".join(
+            f"{k}={v}" for k, v in arch.items()) + ")"
+        return f"{name} ({shape})"
+
+    @classmethod
+    def from_pretrained(cls, path, init="official", prefixes=("backbone.",), ckpt=None, **kwargs):
+        """(net, report): an HRNet of the configuration of the file at `path` (HRNet.architecture of the tensors
+        hrnet_state finds; `ckpt`: the file already loaded), with the file's weights (load_state); `init` for what
+        the file lacks; kwargs (e.g. bn_momentum) to the constructor."""
+        ckpt = load_checkpoint(path, "an HRNet state_dict") if ckpt is None else ckpt
+        state, _ = hrnet_state(ckpt, path, prefixes)
+        try:
+            arch = cls.architecture(state)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e
+        net = cls(**arch, init=init, **kwargs)
+        return net, net.load_state(ckpt, path, prefixes)
+
     def load_pretrained(self, path, prefixes=("backbone.",)):
         """Load an HRNet checkpoint (e.g. the official hrnetv2_w18_imagenet_pretrained.pth): load_state of the file."""
         return self.load_state(load_checkpoint(path, "an HRNet state_dict"), path, prefixes)
@@ -202,23 +254,21 @@ class HRNet(nn.Module):
     def load_state(self, ckpt, source, prefixes=("backbone.",), min_share=0.9):
         """Copy the tensors of a checkpoint that match this HRNet's by name and shape; `source` names it in messages.
 
-        Accepts a bare state_dict or one under 'state_dict' / 'model', with 'module.' prefixes; when keys start
-        with one of `prefixes` (the first found), the HRNet is the keys under it, the rest of a larger model left
-        aside. Entries whose shape differs (e.g. conv1 for in_channels=1) are skipped. Fewer than `min_share` of
-        this HRNet's weight tensors (num_batches_tracked aside) copied raises CheckpointError, one line naming an
-        unmatched key of the file and an expected one. Returns and prints the report {'missing': [...],
-        'unexpected': [...], 'mismatched': [...]}: this HRNet's tensors left as they were, the file's tensors
-        that are not this HRNet's, and those of another shape."""
-        state = ckpt
-        for key in ("state_dict", "model"):
-            state = state.get(key, state) if isinstance(state, dict) else state
-        if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-            raise CheckpointError(
-                f"{source}: not an HRNet state_dict (no dict of tensors, bare or under 'state_dict' / 'model')")
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        The HRNet's tensors are those hrnet_state finds. Entries whose shape differs only in the input channels
+        (conv1 for in_channels=1) are skipped. A file of another configuration (HRNet.architecture, the input
+        channels aside) raises CheckpointError naming both; so does one that fills fewer than `min_share` of this
+        HRNet's weight tensors (num_batches_tracked aside), naming an unmatched key of the file and an expected one.
+        Returns and prints the report {'missing': [...], 'unexpected': [...], 'mismatched': [...]}: this HRNet's
+        tensors left as they were, the file's tensors that are not this HRNet's, and those of another shape."""
+        state, prefix = hrnet_state(ckpt, source, prefixes)
         own = self.state_dict()
+        try:
+            theirs, mine = self.architecture(state), self.architecture(own)
+        except ValueError:  # not enough of an HRNet to tell: the count below says what is wrong
+            theirs = mine = None
+        if theirs is not None and dict(theirs, in_channels=0) != dict(mine, in_channels=0):
+            raise CheckpointError(f"{source}: holds an {self.describe(theirs)}; this network is an "
+                                  f"{self.describe(mine)}")
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         copied = [k for k in state if k in own and k not in mismatched]
         weights = [k for k in own if not k.endswith("num_batches_tracked")]  # a step count, not a weight
@@ -240,6 +290,22 @@ class HRNet(nn.Module):
               f"{len(weights) - len(missing)}/{len(weights)} weight tensors loaded, "
               + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
         return report
+
+
+def hrnet_state(ckpt, source, prefixes=("backbone.",)):
+    """(state, prefix): the HRNet tensors of a loaded checkpoint. Accepts a bare state_dict or one under
+    'state_dict' / 'model', with 'module.' prefixes; when keys start with one of `prefixes` (the first found), the
+    HRNet is the keys under it (prefix removed), the rest of a larger model left aside. Anything else raises
+    CheckpointError naming `source`."""
+    state = ckpt
+    for key in ("state_dict", "model"):
+        state = state.get(key, state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise CheckpointError(
+            f"{source}: not an HRNet state_dict (no dict of tensors, bare or under 'state_dict' / 'model')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), "")
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, prefix
 
 
 def merge_maps(maps):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import cli
 import data
 import synthetic
-from encoders import CheckpointError, back_project, load_checkpoint, merge_maps
+from encoders import CheckpointError, HRNet, back_project, load_checkpoint, merge_maps
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, hrnet_prefixes, person_depth
 
 NUM_CLASSES = 25
@@ -342,31 +342,20 @@ def backbone_input(batch, modality):
 def load_backbone(init, modality, default_cfg):
     """(backbone, report). scratch: a fresh HRNet of `default_cfg`; otherwise the HRNet of `modality` that the file
     holds, copied by HRNet.load_state (which refuses a file that does not fill it): a train.py checkpoint's
-    encoders.<modality> in an HRNet of the checkpoint's config, a fine-tuned model.pt's backbone (its architecture
-    read off its tensors), an external HRNet state_dict in an HRNet of `default_cfg`."""
+    encoders.<modality> in an HRNet of the checkpoint's config; a fine-tuned model.pt's backbone or an external
+    HRNet state_dict (ImageNet weights, export.py's file) in an HRNet of the file's own configuration
+    (HRNet.from_pretrained), `default_cfg.init` for what it lacks."""
     if init == "scratch":
         return build_hrnet(default_cfg), {}
     ckpt = load_checkpoint(init, "a train.py checkpoint, a finetune.py model.pt or an HRNet state_dict")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    arch = default_cfg
     if isinstance(config, dict) and "model" in config:  # a train.py stage file
         arch = HCMoCoConfig.from_dict(config["model"])
         if modality == "depth" and arch.depth_encoder != "hrnet":
             raise CheckpointError(f"{init}: its depth encoder is a {arch.depth_encoder}, not an HRNet")
-    elif isinstance(config, dict) and "task" in config:  # a finetune.py model.pt
-        arch = finetuned_hrnet(init, ckpt["model"], modality)
-    net = build_hrnet(arch)
-    return net, net.load_state(ckpt, init, hrnet_prefixes(modality))
-
-
-def finetuned_hrnet(init, state, modality):
-    """The HCMoCoConfig of the HRNet of `modality` in a fine-tuned model's state: HRNet.small has a 32-channel stem
-    (the published HRNets 64), and the width of its first branch is the HRNet's width."""
-    prefix = next((p for p in hrnet_prefixes(modality) if f"{p}conv1.weight" in state), None)
-    if prefix is None:
-        raise CheckpointError(f"{init}: a finetune.py model without an HRNet {modality} backbone")
-    width = state[f"{prefix}transition1.0.0.weight"].shape[0]
-    return HCMoCoConfig(hrnet="small" if state[f"{prefix}conv1.weight"].shape[0] == 32 else f"w{width}", width=width)
+        net = build_hrnet(arch)
+        return net, net.load_state(ckpt, init, hrnet_prefixes(modality))
+    return HRNet.from_pretrained(init, default_cfg.init, hrnet_prefixes(modality), ckpt)
 
 
 class Finetuner(nn.Module):

@@ -18,6 +18,7 @@ Only numpy and torch are imported, so the file can be copied alone.
 import argparse
 import math
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -575,30 +576,41 @@ def draw_skeleton(ax, keypoints, visible):
 
 
 def contact_sheet(dataset, n, path):
-    """Rows of samples: RGB with keypoints and skeleton, depth, parts, iuv (part colour modulated by u, v).
-    Drawn on a standalone Figure (no pyplot), so a notebook's backend and open figures are left alone."""
+    """Rows of the first n samples: RGB with keypoints and skeleton, depth ('no depth' where a sample has none),
+    parts, iuv (part colour shaded by u, v); below, the depth colour bar in metres (one scale for the sheet) and
+    the legend of the part colours. Drawn on a standalone Figure (no pyplot), so a notebook's backend and open
+    figures are left alone. Returns the Figure."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 2 * n))
-    axes = fig.subplots(n, 4)
-    axes = np.atleast_2d(axes)
-    for row in range(n):
-        s = dataset[row]
-        ax = axes[row]
+    from matplotlib.patches import Patch
+    samples = [dataset[i] for i in range(n)]
+    measured = [s["depth"][s["depth"] > 0] for s in samples if "depth" in s]
+    lo, hi = (torch.cat(measured).min().item(), torch.cat(measured).max().item()) if measured else (0.0, 1.0)
+    fig = Figure(figsize=(8, 2 * n + 2), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n, 4))
+    depth_image = None
+    for s, ax in zip(samples, axes):
         ax[0].imshow(s["rgb"].permute(1, 2, 0).numpy())
         draw_skeleton(ax[0], s["keypoints"], s["keypoints_visible"])
         if "depth" in s:
-            d = s["depth"][0].numpy()
-            ax[1].imshow(np.ma.masked_equal(d, 0), cmap="turbo")
+            depth_image = ax[1].imshow(np.ma.masked_equal(s["depth"][0].numpy(), 0), cmap="turbo", vmin=lo, vmax=hi)
+        else:
+            ax[1].text(0.5, 0.5, "no depth", ha="center", va="center", transform=ax[1].transAxes, color="grey")
         ax[2].imshow(parts_image(s["parts"]))
         iuv = s["iuv"].numpy()
         ax[3].imshow(PART_COLOURS[iuv[0].astype(int)] * (0.4 + 0.6 * np.stack([iuv[1], iuv[2], iuv[1]], -1)))
-        for a, title in zip(ax, ["RGB + keypoints", "depth", "parts", "iuv"]):
+        for a in ax:
             a.set_xticks([])
             a.set_yticks([])
-            if row == 0:
-                a.set_title(title, fontsize=9)
-    fig.tight_layout()
+    for a, title in zip(axes[0], ["RGB + keypoints", "depth", "parts", "iuv (part shaded by u, v)"]):
+        a.set_title(title, fontsize=9)
+    if depth_image is not None:
+        bar = fig.colorbar(depth_image, ax=axes[:, 1], location="bottom", fraction=0.5 / n, aspect=15)
+        bar.set_label("depth (m); white: no measurement", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    parts = [Patch(facecolor=PART_COLOURS[i], label=name.replace("_", " ")) for i, name in enumerate(PART_NAMES)]
+    fig.legend(handles=parts, loc="outside lower center", ncol=5, fontsize=7, title="part colours", title_fontsize=8)
     fig.savefig(path, dpi=80)
+    return fig
 
 
 def main(argv=None):
@@ -607,12 +619,13 @@ def main(argv=None):
     parser.add_argument("--out", default="synthetic_sheet.png",
                         help="the image; its type from its suffix (png, pdf, svg, jpg, ...), its folder made (default: "
                              "%(default)s)")
-    parser.add_argument("--n", type=int, default=6, help="people, one row each (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=6,
+                        help="people, one row each (--domain both: the last third wild) (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128,
                         help=f"image side in pixels, at least {MIN_SIZE} (default: %(default)s)")
-    parser.add_argument("--domain", default="indoor", choices=["indoor", "wild"],
-                        help="indoor: a room, with depth; wild: cluttered 2D backgrounds, without depth (default: "
-                             "%(default)s)")
+    parser.add_argument("--domain", default="both", choices=["both", "indoor", "wild"],
+                        help="indoor: a room, with depth; wild: cluttered 2D backgrounds, without depth; both: as "
+                             "pre-training mixes them (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="of the people drawn (default: %(default)s)")
     args = parser.parse_args(argv)
     from matplotlib.backend_bases import FigureCanvasBase
@@ -634,10 +647,14 @@ def main(argv=None):
         os.remove(probe)
     except OSError as e:
         parser.error(f"--out {args.out}: cannot make or write {folder} ({e.strerror or e})")
-    dataset = SyntheticHumans(args.n, args.size, args.seed, args.domain, with_depth=args.domain == "indoor")
-    contact_sheet(dataset, args.n, args.out)
+    counts = {"indoor": args.n - args.n // 3, "wild": args.n // 3} if args.domain == "both" else {args.domain: args.n}
+    people = []
+    for domain, k in counts.items():
+        if k:  # the wild people from seed + 1, as in the pre-training set
+            part = SyntheticHumans(k, args.size, args.seed + (domain == "wild"), domain, with_depth=domain == "indoor")
+            people += [part[i] for i in range(k)]
+    contact_sheet(people, len(people), args.out)
     print(f"wrote {args.out}")
 
-
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

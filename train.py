@@ -259,43 +259,61 @@ def read_log(out):
     return rows
 
 
+# loss.png's panels: (log keys with their legend labels, title, y axis, factor from the logged value): the losses are
+# sums of cross-entropies (natural log: nats), the monitors' shares are drawn in percent as the README quotes them
+LOSS_PANELS = [({"loss": "loss"}, "total loss (Eq. 1)", "nats", 1),
+               ({"global": "global"}, "sample-level (Eq. 2)", "nats", 1),
+               ({"dense": "dense"}, "dense intra-sample (Eq. 5)", "nats", 1),
+               ({"sparse": "sparse"}, "sparse structure-aware (Eq. 6)", "nats", 1)]
+MONITOR_PANELS = [
+    ({"retrieval": "RGB → depth"}, "held-out retrieval, top-1", "top-1 (%)", 100),
+    ({"cos_rgb": "RGB", "cos_depth": "depth", "cos_keypoints": "keypoints"},
+     "global embeddings: mean cosine between people", "cosine (1 = collapsed)", 1),
+    ({"dense_acc": "own depth view", "dense_acc_other": "another person's (positional control)"},
+     "dense match: RGB pixel finds its depth cell", "accuracy (%)", 100),
+    ({"conv_cos_rgb": "RGB HRNet", "conv_cos_depth": "depth HRNet"}, "conv weights: cosine to the stage's start",
+     "cosine", 1),
+    ({"conv_norm_rgb": "RGB HRNet", "conv_norm_depth": "depth HRNet"}, "conv weights: mean norm", "L2 norm", 1)]
+
+
 def plot_log(out):
-    """loss.png: the loss terms (top row) and the held-out monitors (bottom row) against the step, stage 2 after
-    stage 1 (dashed line)."""
+    """loss.png in `out`: the loss terms (top row) and the held-out monitors (bottom row, every eval_every steps)
+    against the training step, stage 2 counted on from stage 1's last step after a dashed line that every x axis
+    names; only the panels the log has values for, each row filling the width. Returns the Figure (None without a
+    log)."""
     from matplotlib.figure import Figure  # not pyplot: a notebook calling train.main keeps its backend
     rows = read_log(out)
     if not rows:
-        return
+        return None
     offset = max((r["step"] for r in rows if r["stage"] == 1), default=-1) + 1
     x = [r["step"] + (offset if r["stage"] == 2 else 0) for r in rows]
-    panels = [[(k, k) for k in ("loss", "global", "dense", "sparse")],
-              [("retrieval", "held-out RGB -> depth top-1"), ("cos_rgb", "global cosine between samples"),
-               ("dense_acc", "dense match: same person vs other person"), ("conv_cos_rgb", "conv cosine to start"),
-               ("conv_norm_rgb", "conv weight norm")]]
-    companions = {"cos_rgb": ("cos_depth", "cos_keypoints"), "dense_acc": ("dense_acc_other",),
-                  "conv_cos_rgb": ("conv_cos_depth",), "conv_norm_rgb": ("conv_norm_depth",)}
-    panels = [[(k, t) for k, t in row if any(k in r for r in rows)] for row in panels]
+    panels = [[(p, marker) for p in row if any(k in r for r in rows for k in p[0])]
+              for row, marker in ((LOSS_PANELS, None), (MONITOR_PANELS, "."))]  # monitors: few points, marked
     panels = [row for row in panels if row]
-    width = max(len(row) for row in panels)
-    fig = Figure(figsize=(4 * width, 3 * len(panels)))
-    axes = fig.subplots(len(panels), width, squeeze=False)
-    for ax_row, row in zip(axes, panels):
-        for ax, (key, title) in zip(ax_row, row):
-            for k in (key, *companions.get(key, ())):
-                pts = [(xi, r[k]) for xi, r in zip(x, rows) if k in r]
+    columns = math.lcm(*(len(row) for row in panels))
+    fig = Figure(figsize=(20, 3.4 * len(panels)))
+    grid = fig.add_gridspec(len(panels), columns)
+    stage2 = offset > 0 and any(r["stage"] == 2 for r in rows)
+    first = None
+    for i, row in enumerate(panels):
+        span = columns // len(row)
+        for j, ((keys, title, ylabel, factor), marker) in enumerate(row):
+            ax = fig.add_subplot(grid[i, j * span:(j + 1) * span], sharex=first)
+            first = first or ax
+            for k, label in keys.items():
+                pts = [(xi, r[k] * factor) for xi, r in zip(x, rows) if k in r]
                 if pts:
-                    ax.plot(*zip(*pts), lw=1, marker="." if key != k or key in companions or key == "retrieval"
-                            else None, label=k)
+                    ax.plot(*zip(*pts), lw=1, marker=marker, label=label)
             ax.set_title(title, fontsize=9)
-            ax.set_xlabel("step")
-            if key in companions:
+            ax.set_xlabel("training step" + (f"; stage 2 from step {offset} (dashed)" if stage2 else ""), fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            if len(keys) > 1:
                 ax.legend(fontsize=7)
-            if offset and any(r["stage"] == 2 for r in rows):
+            if stage2:
                 ax.axvline(offset, color="grey", ls="--", lw=0.8)
-        for ax in ax_row[len(row):]:
-            ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=90)
+    return fig
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -575,11 +593,14 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     return path
 
 
-def pretrain(cfg, rank=0, world=1):
+def pretrain(cfg, rank=0, world=1, dataset=None):
     """Stages 1..cfg.stage of a complete Config (parse_args's), as plan() decides: a stage file in cfg.out is
     reused, continued or replaced only when its options allow it. The pre-training set is built (rendered, read)
-    only when a stage has to train. When one does, the stage files it replaces go first and cfg.out/config.json
-    describes the run, so that it always describes the stage files beside it. Returns the stage files' paths."""
+    only when a stage has to train; `dataset`, when given, is trained on instead of the one cfg describes (items
+    indexed by (index, augmentation seed) as data.MixedDataset gives them; untransformed under --augment batch,
+    data.Transformed parts under --augment published; docs/own-dataset.md). When a stage trains, the stage files
+    it replaces go first and cfg.out/config.json describes the run, so that it always describes the stage files
+    beside it. Returns the stage files' paths."""
     log = print if rank == 0 else (lambda *a: None)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
@@ -591,7 +612,7 @@ def pretrain(cfg, rank=0, world=1):
             if action == "train" and os.path.exists(stage_path(cfg.out, stage)):
                 os.remove(stage_path(cfg.out, stage))
         cli.save_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    paths, dataset = [], None
+    paths = []
     for stage, action in enumerate(actions[:cfg.stage], 1):
         if action == "reuse":
             log(f"stage {stage}: reusing the finished {stage_path(cfg.out, stage)}, made with the same options")

@@ -374,6 +374,7 @@ def test_ntu_recipe_is_one_crop_around_the_joints_without_flip_rotation_or_jitte
     assert max(scales) > 2 and min(scales) < 1  # the whole published range is drawn
 
 
+@pytest.mark.slow
 def test_mpii_recipe_scales_and_rotates_about_the_centre_without_flip():
     s = synthetic.SyntheticHumans(1, 64, seed=3, domain="wild", with_depth=False)[0]
     t = data.PairedTransform(64, recipe="mpii")

@@ -306,6 +306,7 @@ def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
                                                   "HRNet state_dict (not a PyTorch file of tensors and plain containers)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,target", [("rgb", "depth"), ("depth", "rgb")])
 def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, monkeypatch, source, target):
     """Every labelled batch the head trains on carries no target images: present False and zero-filled by collate."""

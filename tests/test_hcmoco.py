@@ -219,6 +219,7 @@ def test_eq1_weights_the_terms_as_published():
     assert (model.cfg.lambda_global, model.cfg.lambda_dense, model.cfg.lambda_sparse) == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
     batch = batch_of()
     results = {}

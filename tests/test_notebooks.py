@@ -30,6 +30,7 @@ def test_notebook_trainings_pick_up_an_edited_option():
     assert len(cells) == 2 and all("--overwrite" in c for c in cells)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)

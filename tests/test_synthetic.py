@@ -154,3 +154,23 @@ def test_the_sheet_command_names_a_bad_option_before_rendering(tmp_path, capsys,
 def test_the_sheet_command_makes_its_folder(tmp_path):
     S.main(["--out", str(tmp_path / "a" / "b" / "sheet.png"), "--n", "1", "--size", "40"])
     assert (tmp_path / "a" / "b" / "sheet.png").stat().st_size > 1000 and os.listdir(tmp_path / "a" / "b") == ["sheet.png"]
+
+
+def test_contact_sheet_has_a_depth_scale_in_metres_a_part_legend_and_says_no_depth(tmp_path):
+    """`python synthetic.py` draws indoor people with depth and wild ones without: every depth image on one colour
+    scale, labelled in metres; 'no depth' exactly in the rows without; every part's colour in the legend."""
+    S.main(["--out", str(tmp_path / "sheet.png"), "--n", "3", "--size", "48"])
+    indoor, wild = S.SyntheticHumans(2, 48, seed=0), S.SyntheticHumans(1, 48, seed=1, domain="wild", with_depth=False)
+    people = [indoor[0], indoor[1], wild[0]]
+    fig = S.contact_sheet(people, 3, str(tmp_path / "again.png"))
+    assert (tmp_path / "sheet.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    depth_column = np.array(fig.axes[:12]).reshape(3, 4)[:, 1]
+    assert [[t.get_text() for t in ax.texts] for ax in depth_column] == [[], [], ["no depth"]]
+    images = [ax.images[0] for ax in depth_column[:2]]
+    measured = torch.cat([p["depth"][p["depth"] > 0] for p in people[:2]])
+    assert [im.get_clim() for im in images] == [(measured.min().item(), measured.max().item())] * 2
+    assert [ax.get_xlabel() for ax in fig.axes[12:]] == ["depth (m); white: no measurement"]  # the colour bar
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == [n.replace("_", " ") for n in S.PART_NAMES]
+    colours = [tuple(h.get_facecolor()[:3]) for h in legend.legend_handles]
+    np.testing.assert_allclose(colours, S.PART_COLOURS, atol=1e-6)

@@ -50,6 +50,7 @@ def test_help_lists_the_options_with_their_meaning_and_defaults():
     assert lines[k].endswith("\\") and lines[k + 1].startswith("        --backbone-init ")
 
 
+@pytest.mark.slow
 def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     run(tmp_path, "--stage", "1", "--steps", "3", "--global-loss", "bank")
     s1 = weights(tmp_path / "stage1.pt")
@@ -84,6 +85,7 @@ def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     torch.testing.assert_close(model.encoders["depth"].conv1.weight, s2["encoders.depth.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_and_a_torn_log_line_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     run(tmp_path / "a", "--stage", "1", "--steps", "4")
     calls = {"n": 0}
@@ -209,6 +211,7 @@ def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
         assert train.read_log(str(tmp_path)) == [{"stage": 1, "step": 0, "loss": 5.0}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["ctrl-c", "disk full"])
 def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch, capsys, failure):
     path, save, before = tmp_path / "stage1.pt", torch.save, []
@@ -232,6 +235,7 @@ def test_a_save_cut_short_keeps_the_previous_checkpoint_and_no_partial_file(tmp_
         assert e.value.code == f"error: could not write {path} (No space left on device); the previous one is kept"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     forward = hcmoco.HCMoCo.forward
@@ -330,6 +334,7 @@ def test_an_out_that_is_a_file_or_under_one_is_a_usage_error(tmp_path, capsys, m
                                   capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_trains_both_stages_without_warnings(tmp_path):
     """Stage 2 starts from the stage1.pt that rank 0 has just written, on every rank; no rank prints a deprecation
     warning or leaves a collective unwaited."""
@@ -362,6 +367,36 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sheet.png").stat().st_size > 1000
     finally:
         matplotlib.use(before)
+
+
+def test_loss_plot_labels_its_axes_and_the_stage_boundary_and_has_no_empty_panel(tmp_path):
+    """loss.png of a two-stage log: a panel per logged series, each with a title and labelled axes, retrieval and
+    the dense match in percent, stage 2 drawn after stage 1's last step behind a dashed line that each x axis names."""
+    monitors = dict(retrieval=0.25, cos_rgb=0.9, cos_depth=0.8, cos_keypoints=0.7, dense_acc=0.5, dense_acc_other=0.2,
+                    conv_cos_rgb=1.0, conv_cos_depth=1.0, conv_norm_rgb=9.0, conv_norm_depth=9.1)
+    rows = [{"stage": 1, "step": 0, "loss": 5.0, "global": 5.0, **monitors},
+            {"stage": 1, "step": 1, "loss": 4.0, "global": 4.0},
+            {"stage": 1, "step": 2, **monitors},  # the monitors after the last update
+            {"stage": 2, "step": 0, "loss": 9.0, "global": 4.0, "dense": 3.0, "sparse": 2.0, **monitors},
+            {"stage": 2, "step": 1, **monitors, "retrieval": 0.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = train.plot_log(str(tmp_path))
+    assert len(fig.axes) == 9 and (tmp_path / "loss.png").stat().st_size > 1000
+    for ax in fig.axes:
+        assert ax.get_lines() and ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
+        assert ax.get_xlabel() == "training step; stage 2 from step 3 (dashed)"
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [3]
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    retrieval = by_title["held-out retrieval, top-1"]
+    assert "%" in retrieval.get_ylabel()
+    assert list(retrieval.get_lines()[0].get_xdata()) == [0, 2, 3, 4]  # stage 2 counted on from stage 1's 3 steps
+    assert list(retrieval.get_lines()[0].get_ydata()) == [25.0, 25.0, 25.0, 50.0]
+    assert "%" in by_title["dense match: RGB pixel finds its depth cell"].get_ylabel()
+    assert by_title["total loss (Eq. 1)"].get_ylabel() == "nats"
+    # stage 1 alone: no boundary, and no panels for the terms it does not train
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    fig = train.plot_log(str(tmp_path))
+    assert len(fig.axes) == 7 and all(ax.get_lines() and ax.get_xlabel() == "training step" for ax in fig.axes)
 
 
 def test_paper_preset_has_the_published_resolution_and_augmentation():
