@@ -234,17 +234,19 @@ class HRNet(nn.Module):
         return f"{name} ({shape})"
 
     @classmethod
-    def from_pretrained(cls, path, init="official", prefixes=("backbone.",), ckpt=None, **kwargs):
+    def from_pretrained(cls, path, init="official", prefixes=("backbone.",), ckpt=None, fallback=None):
         """(net, report): an HRNet of the configuration of the file at `path` (HRNet.architecture of the tensors
         hrnet_state finds; `ckpt`: the file already loaded), with the file's weights (load_state); `init` for what
-        the file lacks; kwargs (e.g. bn_momentum) to the constructor."""
+        the file lacks. A file whose configuration cannot be read raises CheckpointError, or, with a `fallback`
+        HRNet, is loaded into it (load_state then names what does not match)."""
         ckpt = load_checkpoint(path, "an HRNet state_dict") if ckpt is None else ckpt
         state, _ = hrnet_state(ckpt, path, prefixes)
         try:
-            arch = cls.architecture(state)
+            net = cls(**cls.architecture(state), init=init)
         except ValueError as e:
-            raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e
-        net = cls(**arch, init=init, **kwargs)
+            if fallback is None:
+                raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e
+            net = fallback
         return net, net.load_state(ckpt, path, prefixes)
 
     def load_pretrained(self, path, prefixes=("backbone.",)):
@@ -254,27 +256,28 @@ class HRNet(nn.Module):
     def load_state(self, ckpt, source, prefixes=("backbone.",), min_share=0.9):
         """Copy the tensors of a checkpoint that match this HRNet's by name and shape; `source` names it in messages.
 
-        The HRNet's tensors are those hrnet_state finds. Entries whose shape differs only in the input channels
-        (conv1 for in_channels=1) are skipped. A file of another configuration (HRNet.architecture, the input
-        channels aside) raises CheckpointError naming both; so does one that fills fewer than `min_share` of this
-        HRNet's weight tensors (num_batches_tracked aside), naming an unmatched key of the file and an expected one.
+        The HRNet's tensors are those hrnet_state finds. Entries whose shape differs (e.g. conv1 for in_channels=1)
+        are skipped. A file that fills fewer than `min_share` of this HRNet's weight tensors (num_batches_tracked
+        aside) raises CheckpointError: naming both configurations when its tensors of other shapes are those of
+        another HRNet configuration (HRNet.architecture, the input channels aside), else an unmatched key of the
+        file and an expected one.
         Returns and prints the report {'missing': [...], 'unexpected': [...], 'mismatched': [...]}: this HRNet's
         tensors left as they were, the file's tensors that are not this HRNet's, and those of another shape."""
         state, prefix = hrnet_state(ckpt, source, prefixes)
         own = self.state_dict()
-        try:
-            theirs, mine = self.architecture(state), self.architecture(own)
-        except ValueError:  # not enough of an HRNet to tell: the count below says what is wrong
-            theirs = mine = None
-        if theirs is not None and dict(theirs, in_channels=0) != dict(mine, in_channels=0):
-            raise CheckpointError(f"{source}: holds an {self.describe(theirs)}; this network is an "
-                                  f"{self.describe(mine)}")
         mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
         copied = [k for k in state if k in own and k not in mismatched]
         weights = [k for k in own if not k.endswith("num_batches_tracked")]  # a step count, not a weight
         missing = [k for k in weights if k not in copied]
         report = {"missing": missing, "unexpected": [k for k in state if k not in own], "mismatched": mismatched}
         if len(weights) - len(missing) < min_share * len(weights):
+            try:  # tensors of other shapes: perhaps a whole HRNet of another configuration
+                theirs, mine = (self.architecture(state), self.architecture(own)) if mismatched else (None, None)
+            except ValueError:  # not enough of an HRNet to tell its configuration: the keys say what is wrong
+                theirs = mine = None
+            if theirs is not None and dict(theirs, in_channels=0) != dict(mine, in_channels=0):
+                raise CheckpointError(f"{source}: holds an {self.describe(theirs)}; this network is an "
+                                      f"{self.describe(mine)}")
             if mismatched:
                 k = mismatched[0]
                 example = f"the file's {k!r} is {list(state[k].shape)}, the HRNet's {list(own[k].shape)}"

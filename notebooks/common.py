@@ -19,3 +19,10 @@ def experiment_results():
             import experiments  # only here: importing common should not load the training code
             experiments.main(["--quick", "--out", results, "--jobs", "1"])
     return results
+
+
+def run_folder(results, runs, **fields):
+    """The folder of the one run in results.json's `runs` whose fields (experiments.Run's) have these values."""
+    found = [r["folder"] for r in runs if all(r[k] == v for k, v in fields.items())]
+    assert len(found) == 1, f"{len(found)} runs with {fields}"
+    return os.path.join(results, found[0])

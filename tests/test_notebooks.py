@@ -27,7 +27,7 @@ def test_notebook_trainings_pick_up_an_edited_option():
     run must train again (--overwrite), not stop at the stage files the old options left there."""
     cells = [c.source for name in NAMES for c in nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4).cells
              if c.cell_type == "code" and "train.main(" in c.source]
-    assert len(cells) == 2 and all("--overwrite" in c for c in cells)
+    assert cells and all("--overwrite" in c for c in cells)
 
 
 @pytest.mark.slow
