@@ -100,7 +100,7 @@ def pretraining(opts, quick):
     first = os.path.join(pre, "full")
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
-    base = replace(base, device=cli.pick_device(base.device))
+    base = train.resolved(base, cli.pick_device(base.device))
     run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (the CMC model)")
     jobs, ckpts = [], {"CMC": os.path.join(first, "stage1.pt")}
     for name, targets in LADDER.items():

@@ -130,6 +130,12 @@ def preset_defaults():
     return {k: v if v == paper[k] else f"{v}, paper preset {paper[k]}" for k, v in cpu.items()} | {"preset": "auto"}
 
 
+def resolved(cfg, device):
+    """cfg on `device` ('cpu' | 'cuda'), its --precision auto made fp32 or bf16: what config.json records and what a
+    stage file's options are compared with."""
+    return replace(cfg, device=device, precision="bf16" if cli.use_bf16(cfg.precision, device) else "fp32")
+
+
 def parse_args(argv=None):
     """The run's complete Config: the preset's values, replaced by the options given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,8 +145,7 @@ def parse_args(argv=None):
     device = cli.pick_device(given.pop("device", "auto"))
     preset = given.pop("preset", "auto")
     preset = {"auto": "paper" if device == "cuda" else "cpu"}.get(preset, preset)
-    cfg = replace(PRESETS[preset], device=device, **given)
-    cfg = replace(cfg, precision="bf16" if cli.use_bf16(cfg.precision, device) else "fp32")  # what config.json says
+    cfg = resolved(replace(PRESETS[preset], **given), device)
     roots = {"synthetic": (), "synthetic+mpii": ("mpii_root",), "mpii": ("mpii_root",),
              "ntu+mpii": ("ntu_root", "mpii_root"), "ntu+coco": ("ntu_root", "coco_root")}
     cli.check(parser, [
