@@ -46,7 +46,7 @@ STAGE_SEED = 1000  # stage k draws its batches and augmentations from seed + k *
 @dataclass
 class Config:
     """Every option of a run; the defaults are the CPU preset (2 cores, both stages in under 10 minutes), each
-    choice measured against the published recipe (README, "What it took"): He init (no ImageNet weights to replace
+    choice measured against the published recipe (docs/findings.md): He init (no ImageNet weights to replace
     the official std-0.001 init), AdamW with a short warm-up, in-batch Eq. 2 at tau 0.1 (a bank revisited a few
     times a run holds stale positives), 4,096 people rendered once into memory and augmented a batch at a time, the
     small HRNet at 64 px with batch 64 in bf16 where the CPU has it (more samples per second), 6 epochs per stage;
@@ -274,8 +274,8 @@ MONITOR_PANELS = [
     ({"retrieval": "RGB → depth"}, "held-out retrieval, top-1", "top-1 (%)", 100),
     ({"cos_rgb": "RGB", "cos_depth": "depth", "cos_keypoints": "keypoints"},
      "global embeddings: mean cosine between people", "cosine (1 = collapsed)", 1),
-    ({"dense_acc": "own depth view", "dense_acc_other": "another person's (positional control)"},
-     "dense match: RGB pixel finds its depth cell", "accuracy (%)", 100),
+    ({"dense_acc": "own depth view", "dense_acc_other": "another person's, same positions",
+      "dense_acc_moved": "own depth view, moved"}, "dense match: RGB cell finds its depth cell", "accuracy (%)", 100),
     ({"conv_cos_rgb": "RGB HRNet", "conv_cos_depth": "depth HRNet"}, "conv weights: cosine to the stage's start",
      "cosine", 1),
     ({"conv_norm_rgb": "RGB HRNet", "conv_norm_depth": "depth HRNet"}, "conv weights: mean norm", "L2 norm", 1)]
