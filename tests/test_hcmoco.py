@@ -1,5 +1,4 @@
 """hcmoco.py: every ablation row trains, masking of missing modalities, the geometry of the embedding levels."""
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import data
 import hcmoco
 import losses
 import synthetic
+from conftest import dense_double_loop
 
 SIZE = 48
 
@@ -145,30 +145,6 @@ def test_joint_features_are_sampled_where_the_joints_are():
     torch.testing.assert_close(got[0], kp[0])
 
 
-def dense_double_loop(f_rgb, f_depth, idx, w, tau, hard):
-    """Eq. 5 at given cells, written out: both directions; every anchor's targets over the other modality's points
-    are softmax(-distance) from its own cell; a cell drawn twice is one candidate."""
-    total, count = 0.0, 0
-    for b in range(len(idx)):
-        cells = idx[b].tolist()
-        xy = [torch.tensor([c % w, c // w], dtype=torch.float64) for c in cells]
-        a_rgb = F.normalize(f_rgb[b].flatten(1)[:, cells].T.double(), dim=-1)  # [N, D]
-        a_depth = F.normalize(f_depth[b].flatten(1)[:, cells].T.double(), dim=-1)
-        for anchors, others in ((a_rgb, a_depth), (a_depth, a_rgb)):
-            for i, ci in enumerate(cells):
-                cands = [j for j, cj in enumerate(cells) if j == i or cj != ci]
-                if hard:
-                    target = {j: float(j == i) for j in cands}
-                else:
-                    z = sum(math.exp(-float((xy[i] - xy[k]).norm())) for k in cands)
-                    target = {j: math.exp(-float((xy[i] - xy[j]).norm())) / z for j in cands}
-                logit = {j: float(anchors[i] @ others[j]) / tau for j in cands}
-                log_den = math.log(sum(math.exp(v) for v in logit.values()))
-                total -= sum(target[j] * (logit[j] - log_den) for j in cands)
-        count += len(cells)
-    return total / count
-
-
 @pytest.mark.parametrize("targets", ["global+soft", "global+hard"])
 def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     """HCMoCo.dense_term at fixed points, repeats included, against Eq. 5 written out; with W^T in the reverse
@@ -182,7 +158,16 @@ def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     idx[:, 1] = idx[:, 0]  # a repeat in every row
     monkeypatch.setattr(model, "dense_points", lambda batch, rows, size: (rows, idx))
     got = model.dense_term(dense, batch)
-    want = dense_double_loop(dense["rgb"][:3], dense["depth"][:3], idx, w, model.cfg.tau, targets == "global+hard")
+
+    def at_cells(f):  # [B, D, h, w] -> [3, 12, D]: the features at the drawn cells
+        return f[:3].flatten(2).transpose(1, 2)[torch.arange(3)[:, None], idx]
+
+    coords = torch.stack([idx % w, idx // w], -1).double()  # [3, 12, 2] (x, y) in cells
+    # a cell drawn twice is one candidate: an anchor keeps itself and drops the other copies of its cell
+    candidates = torch.tensor([[[j == i or cj != ci for j, cj in enumerate(row)] for i, ci in enumerate(row)]
+                               for row in idx.tolist()])  # [3, 12, 12]
+    want = dense_double_loop(at_cells(dense["rgb"]), at_cells(dense["depth"]), coords, model.cfg.tau, candidates,
+                             hard=targets == "global+hard")
     assert abs(got.item() - want) < 1e-4 * abs(want)
 
 

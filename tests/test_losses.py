@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from conftest import dense_double_loop
 
 
 def unit(x):
@@ -63,28 +64,6 @@ def test_dense_loss_matches_brute_force_sum():
                 total -= float(w[b, i, j]) * math.log(math.exp(float(u1[b, i] @ u2[b, j]) / tau) / den)
     got = losses.dense_contrastive_loss(f1, f2, w, tau=tau)
     assert abs(float(got) - total / (B * N)) < 1e-9
-
-
-def dense_double_loop(f1, f2, coords, tau, candidates=None, hard=False):
-    """Eq. 5 written out: both directions, and every anchor's targets over the other modality's candidates come from
-    ITS OWN distances to them (a soft-max over candidates of -distance), whichever modality the anchor is in."""
-    B, N, _ = f1.shape
-    u1, u2 = unit(f1.double()), unit(f2.double())
-    ok = (lambda b, i, j: True) if candidates is None else (lambda b, i, j: bool(candidates[b, i, j]))  # noqa: E731
-    total = 0.0
-    for anchors, others in ((u1, u2), (u2, u1)):
-        for b in range(B):
-            for i in range(N):
-                cands = [j for j in range(N) if ok(b, i, j)]
-                dist = {j: float((coords[b, i] - coords[b, j]).norm()) for j in cands}
-                if hard:
-                    target = {j: float(j == i) for j in cands}
-                else:
-                    z = sum(math.exp(-dist[k]) for k in cands)
-                    target = {j: math.exp(-dist[j]) / z for j in cands}
-                log_den = math.log(sum(math.exp(float(anchors[b, i] @ others[b, k]) / tau) for k in cands))
-                total -= sum(target[j] * (float(anchors[b, i] @ others[b, j]) / tau - log_den) for j in cands)
-    return total / (B * N)
 
 
 def test_bidirectional_dense_loss_matches_the_double_loop_with_each_anchors_own_targets():
