@@ -94,19 +94,25 @@ def test_repeated_points_are_one_candidate_and_the_hard_row_stays_infonce():
     eye = torch.eye(N, dtype=torch.float64)[None]
     hard = losses.bidirectional_dense_loss(f1, f2, eye, tau, candidates)
     assert abs(float(hard) - dense_double_loop(f1, f2, coords, tau, candidates, hard=True)) < 1e-9
-    # InfoNCE by hand for anchor 1 (cell 3): its candidates are every point but point 2, the other copy of cell 3
-    s = unit(f1[0]) @ unit(f2[0]).T / tau
+    s = unit(f1[0]) @ unit(f2[0]).T / tau  # [N, N]: RGB anchors in rows, depth anchors in columns
+
+    def infonce(logits, keep):  # [N, N], [N, N] bool -> per anchor, its cross-entropy over its kept candidates
+        # keep[i, i] holds, so the positive's place among anchor i's kept candidates is the count kept before it
+        return [float(F.cross_entropy(logits[i, keep[i]][None], keep[i, :i].sum()[None])) for i in range(N)]
+
+    masked = infonce(s, candidates[0]) + infonce(s.T, candidates[0])
+    assert abs(float(hard) - sum(masked) / N) < 1e-9
+    # anchor 1 (cell 3) by hand: its candidates are every point but point 2, the other copy of cell 3
     keep = [0, 1, 3, 4, 5, 6]
-    one = float(F.cross_entropy(s[1, keep][None], torch.tensor([1])))
+    assert abs(masked[1] - float(F.cross_entropy(s[1, keep][None], torch.tensor([1])))) < 1e-12
     w = losses.soft_weights(coords, candidates)
     assert w[0, 1, 2] == 0 and abs(float(w[0, 1].sum()) - 1) < 1e-12
-    total = sum(float(F.cross_entropy(s[i, [j for j in range(N) if candidates[0, i, j]]][None],
-                                      torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
-                for i in range(N))
-    total += sum(float(F.cross_entropy(s.T[i, [j for j in range(N) if candidates[0, i, j]]][None],
-                                       torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
-                 for i in range(N))
-    assert abs(float(hard) - total / N) < 1e-9 and one > 0
+    # without candidates the other copies count as negatives: InfoNCE over all N points, larger for every anchor
+    # that has a copy
+    unmasked = losses.bidirectional_dense_loss(f1, f2, eye, tau)
+    everyone = torch.ones(N, N, dtype=torch.bool)
+    assert abs(float(unmasked) - sum(infonce(s, everyone) + infonce(s.T, everyone)) / N) < 1e-9
+    assert unmasked > hard
 
 
 # ---------------------------------------------------------------- Eq. 6
