@@ -204,14 +204,40 @@ def test_eq1_weights_the_terms_as_published():
     assert (model.cfg.lambda_global, model.cfg.lambda_dense, model.cfg.lambda_sparse) == (1.0, 1.0, 1.0)
 
 
-@pytest.mark.slow
-def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
+def test_hard_and_soft_dense_terms_differ_only_in_their_targets(monkeypatch):
+    """Table 3's global+hard and global+soft rows from one seed on one batch: the same global term, and Eq. 5 sees
+    the same features at the same drawn cells with the same candidates; only its targets differ, the identity in
+    the hard row and Eq. 4's soft_weights of the drawn cells in the soft one, and so do the dense terms."""
+    drawn, seen = {}, []
+    draw, loss = hcmoco.HCMoCo.dense_points, losses.bidirectional_dense_loss
+
+    def dense_points(model, batch, rows, size):  # keeps each row's drawn cells idx [b, N] and the grid size
+        drawn[model.cfg.dense] = (*draw(model, batch, rows, size), size)
+        return drawn[model.cfg.dense][:2]
+
+    def bidirectional_dense_loss(f1, f2, weights, tau, candidates):  # keeps what Eq. 5 is given
+        seen.append(dict(f1=f1, f2=f2, weights=weights, candidates=candidates))
+        return loss(f1, f2, weights, tau, candidates)
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "dense_points", dense_points)
+    monkeypatch.setattr(hcmoco.losses, "bidirectional_dense_loss", bidirectional_dense_loss)
     batch = batch_of()
-    results = {}
+    terms = {}
     for targets in ("global+hard", "global+soft"):
         torch.manual_seed(0)
-        results[targets] = tiny(targets=targets)(batch)[1]["dense"]
-    assert results["global+hard"] != results["global+soft"]
+        terms[targets] = tiny(targets=targets)(batch)[1]
+    hard, soft = seen
+    assert terms["global+hard"]["global"] == terms["global+soft"]["global"]
+    assert torch.equal(drawn["hard"][1], drawn["soft"][1])
+    for key in ("f1", "f2", "candidates"):
+        assert torch.equal(hard[key], soft[key]), key
+    b, n = drawn["soft"][1].shape
+    assert torch.equal(hard["weights"], torch.eye(n).expand(b, n, n))
+    _, idx, (h, w) = drawn["soft"]
+    coords = torch.stack([idx % w, idx // w], -1).float()  # [b, N, 2] grid cells (x, y)
+    torch.testing.assert_close(soft["weights"], losses.soft_weights(coords, soft["candidates"]))
+    assert soft["weights"].diagonal(dim1=1, dim2=2).max() < 1  # targets spread over the neighbours
+    assert terms["global+hard"]["dense"] != terms["global+soft"]["dense"]
 
 
 def small_pointnet(**kw):
