@@ -171,7 +171,7 @@ def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     assert abs(got.item() - want) < 1e-4 * abs(want)
 
 
-def test_dense_term_draws_the_same_number_of_points_every_batch():
+def test_dense_term_draws_the_same_number_of_points_every_batch(monkeypatch):
     """N = dense_points in every batch, however small the person (drawn with replacement), and only from the
     person's cells with valid depth."""
     model = tiny(dense_points=64)
@@ -186,13 +186,11 @@ def test_dense_term_draws_the_same_number_of_points_every_batch():
     person = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(12, 12)).flatten(1)
     assert (person[rows[:, None], idx] > 0).all()
     seen = []
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(hcmoco.losses, "bidirectional_dense_loss",
                         lambda f1, f2, *a, **k: seen.append(f1.shape) or f1.sum() * 0)
     for seed in range(3):
         torch.manual_seed(seed)
         model(batch_of(seed=seed))
-    monkeypatch.undo()
     assert [s[1] for s in seen] == [64, 64, 64]
 
 
