@@ -201,7 +201,8 @@ def bench_encoders():
 # ------------------------------------------------------------------------------------------------------- synthetic
 def bench_synthetic():
     import synthetic
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the rate of one process on one thread, as the table says
     rows = []
     for size in (128, 256):
         for domain in ("indoor", "wild"):
@@ -212,7 +213,7 @@ def bench_synthetic():
             for i in range(1, n + 1):
                 ds[i]
             rows.append([f"{size}x{size}", domain, f"{n / (time.perf_counter() - t0):.1f}"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)  # the sections after this one (train) time with the threads they had
     table(rows, ["image", "domain", "samples/s (1 process, 1 thread)"])
 
 
