@@ -341,22 +341,35 @@ def bench_run(folder):
 SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}
 
 
+def print_peak_rss(variant, term):
+    """Print the rise of this process's peak resident memory (MB) during one forward + backward of a loss case:
+    peak_memory_mb's child on CPU (Linux: /proc/self)."""
+    fn = loss_cases()[variant][term]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = proc_status_kb("VmRSS")
+    fn()
+    print((proc_status_kb("VmHWM") - before) / 1024)
+
+
 def main():
-    if sys.argv[1:2] == ["--peak"]:  # child process of peak_memory_mb (Linux: /proc/self)
-        fn = loss_cases()[sys.argv[2]][sys.argv[3]]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident size (VmHWM) to the current one
-        before = proc_status_kb("VmRSS")
-        fn()
-        print((proc_status_kb("VmHWM") - before) / 1024)
-        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--run", metavar="FOLDER", help="also the whole-run FLOP throughput of a finished train.py run")
+    parser.add_argument("--peak", nargs=2, metavar=("VARIANT", "TERM"),
+                        help="only print the peak resident memory (MB) of one forward + backward of a loss case, "
+                             "VARIANT ours or published, TERM global, dense or sparse: how the losses section "
+                             "measures memory on CPU (Linux), one fresh process per case")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if args.peak:
+        variant, term = args.peak
+        if variant not in ("ours", "published") or term not in ("global", "dense", "sparse"):
+            parser.error(f"--peak {variant} {term}: VARIANT is ours or published, TERM global, dense or sparse")
+        print_peak_rss(variant, term)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU only'}")
     for name in args.sections or ([] if args.run else SECTIONS):
