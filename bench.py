@@ -48,10 +48,12 @@ def table(rows, header):
 # ---------------------------------------------------------------------------------------------------------- losses
 # The published per-GPU scale: batch 56, 128-d embeddings, 16,384 negatives from a bank of 143,648 samples and
 # 3 modalities; dense 400 points x 128 channels, both directions; sparse 16 joints x 2 representations.
-B, DIM, K, BANK, MODS, N, J, M = 56, 128, 16384, 143_648, ("rgb", "depth", "keypoints"), 400, 16, 2
+BATCH, DIM, NEGATIVES, BANK, MODS = 56, 128, 16384, 143_648, ("rgb", "depth", "keypoints")
+POINTS, JOINTS, REPRESENTATIONS = 400, 16, 2
 
 
 def loss_inputs():
+    B, N, J, M = BATCH, POINTS, JOINTS, REPRESENTATIONS  # the paper's letters for the shapes below
     g = torch.Generator().manual_seed(0)
     feats = {m: torch.randn(B, DIM, generator=g).to(DEVICE).requires_grad_() for m in MODS}
     dense = [torch.randn(B, N, DIM, generator=g).to(DEVICE).requires_grad_() for _ in range(2)]
@@ -65,12 +67,13 @@ def loss_inputs():
 
 def published_global(bank, feats, index, present):
     """As the published code: per sample, K + 1 bank rows (its positive first) gathered into [B, K + 1, D]."""
+    B, K = len(index), bank.num_negatives
     total = []
-    for b in MODS:
+    for b in feats:
         mem = bank.memory(b)
-        for a in MODS:
+        for a in feats:
             if a != b:
-                idx = torch.randint(BANK, (B, K + 1), device=DEVICE)
+                idx = torch.randint(bank.size, (B, K + 1), device=DEVICE)
                 idx[:, 0] = index
                 weight = mem[idx]  # [B, K + 1, D]
                 logits = torch.bmm(weight, F.normalize(feats[a], dim=-1)[:, :, None])[..., 0] / 0.07
@@ -90,13 +93,14 @@ def published_dense(f1, f2, w):
 def published_sparse(feats, keypoints, valid):
     """The published structure (two joint-vs-keypoint cross-entropies with batched matrix products, and the
     cross-sample term with its positive-index matrix built joint by joint in a Python loop)."""
+    B, M, J, D = feats.shape
     f = F.normalize(feats, dim=-1)  # [B, M, J, D]
     g = F.normalize(keypoints, dim=-1)  # [B, J, D]
     target = torch.arange(J, device=DEVICE).expand(B, J).masked_fill(~valid[:, 0], -100)
     intra = sum(F.cross_entropy(g @ f[:, m].transpose(1, 2) / 0.07, target.masked_fill(~valid[:, m], -100))
                 for m in range(M))
     E = B * M * J
-    cat = f.transpose(0, 1).reshape(E, DIM)  # all RGB joints, then all depth joints
+    cat = f.transpose(0, 1).reshape(E, D)  # all RGB joints, then all depth joints
     logp = (cat @ cat.T / 0.07).log_softmax(-1)
     pos = torch.zeros(J, E, dtype=torch.int32, device=DEVICE)
     for j in range(J):
@@ -110,7 +114,7 @@ def published_sparse(feats, keypoints, valid):
 def loss_cases():
     """name -> (fn running one forward + backward of that case)."""
     feats, dense, coords, sparse, keypoints, valid, present, index = loss_inputs()
-    bank = losses.MemoryBank(BANK, DIM, MODS, K).to(DEVICE)
+    bank = losses.MemoryBank(BANK, DIM, MODS, NEGATIVES).to(DEVICE)
     w = losses.soft_weights(coords)
 
     def ours():
@@ -158,7 +162,8 @@ def bench_losses():
                      f"{t['published'] / t['ours']:.1f}x", f"{mem['ours']:.0f}", f"{mem['published']:.0f}"])
     rows.append(["all", f"{1000 * totals['ours']:.1f}", f"{1000 * totals['published']:.1f}",
                  f"{totals['published'] / totals['ours']:.1f}x", "", ""])
-    print(f"forward + backward at B={B}, K={K}, bank={BANK}, N={N}, J={J}, M={M}")
+    print(f"forward + backward at B={BATCH}, K={NEGATIVES}, bank={BANK}, N={POINTS}, J={JOINTS}, "
+          f"M={REPRESENTATIONS}")
     table(rows, ["term", "ours ms", "published ms", "speed-up", "ours MB", "published MB"])
 
 
@@ -201,7 +206,8 @@ def bench_encoders():
 # ------------------------------------------------------------------------------------------------------- synthetic
 def bench_synthetic():
     import synthetic
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the rate of one process on one thread, as the table says
     rows = []
     for size in (128, 256):
         for domain in ("indoor", "wild"):
@@ -212,7 +218,7 @@ def bench_synthetic():
             for i in range(1, n + 1):
                 ds[i]
             rows.append([f"{size}x{size}", domain, f"{n / (time.perf_counter() - t0):.1f}"])
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)  # the sections after this one (train) time with the threads they had
     table(rows, ["image", "domain", "samples/s (1 process, 1 thread)"])
 
 
@@ -340,22 +346,35 @@ def bench_run(folder):
 SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}
 
 
+def print_peak_rss(variant, term):
+    """Print the rise of this process's peak resident memory (MB) during one forward + backward of a loss case:
+    peak_memory_mb's child on CPU (Linux: /proc/self)."""
+    fn = loss_cases()[variant][term]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size (VmHWM) to the current one
+    before = proc_status_kb("VmRSS")
+    fn()
+    print((proc_status_kb("VmHWM") - before) / 1024)
+
+
 def main():
-    if sys.argv[1:2] == ["--peak"]:  # child process of peak_memory_mb (Linux: /proc/self)
-        fn = loss_cases()[sys.argv[2]][sys.argv[3]]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident size (VmHWM) to the current one
-        before = proc_status_kb("VmRSS")
-        fn()
-        print((proc_status_kb("VmHWM") - before) / 1024)
-        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--run", metavar="FOLDER", help="also the whole-run FLOP throughput of a finished train.py run")
+    parser.add_argument("--peak", nargs=2, metavar=("VARIANT", "TERM"),
+                        help="only print the peak resident memory (MB) of one forward + backward of a loss case, "
+                             "VARIANT ours or published, TERM global, dense or sparse: how the losses section "
+                             "measures memory on CPU (Linux), one fresh process per case")
     args = parser.parse_args()
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s) {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if args.peak:
+        variant, term = args.peak
+        if variant not in ("ours", "published") or term not in ("global", "dense", "sparse"):
+            parser.error(f"--peak {variant} {term}: VARIANT is ours or published, TERM global, dense or sparse")
+        print_peak_rss(variant, term)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU only'}")
     for name in args.sections or ([] if args.run else SECTIONS):

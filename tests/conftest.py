@@ -1,10 +1,12 @@
 """Shared test setup: the project's modules live at the repository root."""
+import math
 import os
 import pathlib
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,6 +26,31 @@ class RunsCode:
 
     def __reduce__(self):
         return os.mkdir, (self.path,)
+
+
+def dense_double_loop(f1, f2, coords, tau, candidates=None, hard=False):
+    """Eq. 5 written out, the reference of losses.py's and hcmoco.py's dense terms: both directions, and every
+    anchor's targets over the other modality's candidates come from ITS OWN distances to them (a soft-max over
+    candidates of -distance), whichever modality the anchor is in; `hard`: the anchor's own point alone.
+    f1, f2 [B, N, C] features of the same N points, coords [B, N, 2], candidates [B, N, N] bool (None: all).
+    -> the mean over the B * N anchors of each modality, summed over both directions."""
+    B, N, _ = f1.shape
+    u1, u2 = F.normalize(f1.double(), dim=-1), F.normalize(f2.double(), dim=-1)
+    ok = (lambda b, i, j: True) if candidates is None else (lambda b, i, j: bool(candidates[b, i, j]))  # noqa: E731
+    total = 0.0
+    for anchors, others in ((u1, u2), (u2, u1)):
+        for b in range(B):
+            for i in range(N):
+                cands = [j for j in range(N) if ok(b, i, j)]
+                dist = {j: float((coords[b, i] - coords[b, j]).norm()) for j in cands}
+                if hard:
+                    target = {j: float(j == i) for j in cands}
+                else:
+                    z = sum(math.exp(-dist[k]) for k in cands)
+                    target = {j: math.exp(-dist[j]) / z for j in cands}
+                log_den = math.log(sum(math.exp(float(anchors[b, i] @ others[b, k]) / tau) for k in cands))
+                total -= sum(target[j] * (float(anchors[b, i] @ others[b, j]) / tau - log_den) for j in cands)
+    return total / (B * N)
 
 
 BAD_CHECKPOINTS = ("garbage", "truncated", "runs-code")

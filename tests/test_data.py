@@ -297,11 +297,19 @@ def test_random_transform_moves_every_modality_together():
 
 
 def test_eval_transform_resizes_and_normalises():
+    """Eval: the resize, then RGB in ImageNet units, (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225] per
+    channel: a flat colour becomes exactly that value, and a person's per-channel means (kept by the antialiased
+    resize) move with it; RGB left in [0, 1], or normalised twice or with swapped channels, fails."""
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    t = data.PairedTransform(32, train=False)
     s = synthetic.SyntheticHumans(1, 64)[0]
-    out = data.PairedTransform(32, train=False)(s)
+    out = t(s)
     assert out["rgb"].shape == (3, 32, 32) and out["parts"].shape == (32, 32)
     torch.testing.assert_close(out["keypoints"], (s["keypoints"] + 0.5) / 2 - 0.5)
-    assert out["rgb"].mean().abs() < 2
+    torch.testing.assert_close(out["rgb"].mean((1, 2)), (s["rgb"].mean((1, 2)) - mean) / std, atol=2e-3, rtol=0)
+    colour = torch.tensor([0.2, 0.5, 0.9])
+    flat = t(dict(s, rgb=colour[:, None, None].expand(3, 64, 64)))["rgb"]  # [3, 32, 32]
+    torch.testing.assert_close(flat, ((colour - mean) / std)[:, None, None].expand(3, 32, 32))
 
 
 def test_itop_without_h5py_says_how_to_install(monkeypatch, tmp_path):

@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
+import data
 import experiments
 import finetune
+import hcmoco
 import synthetic
 import train
 from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint, write_itop
@@ -391,7 +393,18 @@ def test_probe_reads_what_the_features_linearly_hold():
     assert good["miou"] > 60 and bad["miou"] < 15
 
 
-def test_probe_task_and_its_pixel_control(tmp_path, capsys):
+def test_probe_task_and_its_pixel_control(tmp_path, capsys, monkeypatch):
+    """Both probes sweep the learning rates and report like every run. The control probes what it stands for,
+    each cell's pixel position and depth input (its mean over the cell's 4 x 4 pixels) and nothing of a backbone;
+    the scratch probe reads the backbone's merged 1/4 map. (Their scores are not compared: at this size neither
+    probe reliably beats the other.)"""
+    probed, real = {}, finetune.probe_inputs
+
+    def spy(features, dataset, cfg, device):  # keeps each init's last (features [N, C, h, w], labels): the test set's
+        probed[cfg.init] = real(features, dataset, cfg, device)
+        return probed[cfg.init]
+
+    monkeypatch.setattr(finetune, "probe_inputs", spy)
     for init in ("scratch", "pixels"):
         m = finetune.main(["--task", "depth-probe", "--init", init, "--out", str(tmp_path / init), *TINY])
         assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
@@ -400,6 +413,17 @@ def test_probe_task_and_its_pixel_control(tmp_path, capsys):
                                                                               "[5/7]", "[6/7]", "[7/7]"]
         assert out[-1].startswith(f"depth-probe from {init}: mIoU {m['miou']:.2f} %") and "probe lr" in out[-1]
         assert out[-1].endswith(f"wrote {tmp_path / init / 'metrics.json'}")  # a probe saves no model
+    cfg = finetune.parse_args(["--task", "depth-probe", "--init", "pixels", *TINY])
+    test_set = finetune.labelled_split(cfg)[1]
+    batch = data.collate([data.PairedTransform(cfg.image_size, train=False)(test_set[i]) for i in range(len(test_set))])
+    n, size, cells = len(test_set), cfg.image_size, cfg.image_size // 4
+    depth = hcmoco.depth_input(batch["depth"], batch["mask"][:, None])[:, 0]  # [n, H, W]
+    centres = (4 * torch.arange(cells) + 1.5) / (size - 1)  # a cell's mean pixel position, [0, 1] over the image
+    want = torch.stack([centres.expand(n, cells, cells), centres[:, None].expand(n, cells, cells),
+                        depth.view(n, cells, 4, cells, 4).mean((2, 4))], 1)  # [n, 3, h, w]: x, y, depth
+    torch.testing.assert_close(probed["pixels"][0], want)
+    backbone = finetune.build_hrnet(finetune.scratch_config(cfg))
+    assert probed["scratch"][0].shape == (n, sum(backbone.out_channels), cells, cells)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])
 

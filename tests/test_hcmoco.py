@@ -1,5 +1,4 @@
 """hcmoco.py: every ablation row trains, masking of missing modalities, the geometry of the embedding levels."""
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import data
 import hcmoco
 import losses
 import synthetic
+from conftest import dense_double_loop
 
 SIZE = 48
 
@@ -145,30 +145,6 @@ def test_joint_features_are_sampled_where_the_joints_are():
     torch.testing.assert_close(got[0], kp[0])
 
 
-def dense_double_loop(f_rgb, f_depth, idx, w, tau, hard):
-    """Eq. 5 at given cells, written out: both directions; every anchor's targets over the other modality's points
-    are softmax(-distance) from its own cell; a cell drawn twice is one candidate."""
-    total, count = 0.0, 0
-    for b in range(len(idx)):
-        cells = idx[b].tolist()
-        xy = [torch.tensor([c % w, c // w], dtype=torch.float64) for c in cells]
-        a_rgb = F.normalize(f_rgb[b].flatten(1)[:, cells].T.double(), dim=-1)  # [N, D]
-        a_depth = F.normalize(f_depth[b].flatten(1)[:, cells].T.double(), dim=-1)
-        for anchors, others in ((a_rgb, a_depth), (a_depth, a_rgb)):
-            for i, ci in enumerate(cells):
-                cands = [j for j, cj in enumerate(cells) if j == i or cj != ci]
-                if hard:
-                    target = {j: float(j == i) for j in cands}
-                else:
-                    z = sum(math.exp(-float((xy[i] - xy[k]).norm())) for k in cands)
-                    target = {j: math.exp(-float((xy[i] - xy[j]).norm())) / z for j in cands}
-                logit = {j: float(anchors[i] @ others[j]) / tau for j in cands}
-                log_den = math.log(sum(math.exp(v) for v in logit.values()))
-                total -= sum(target[j] * (logit[j] - log_den) for j in cands)
-        count += len(cells)
-    return total / count
-
-
 @pytest.mark.parametrize("targets", ["global+soft", "global+hard"])
 def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     """HCMoCo.dense_term at fixed points, repeats included, against Eq. 5 written out; with W^T in the reverse
@@ -182,11 +158,20 @@ def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     idx[:, 1] = idx[:, 0]  # a repeat in every row
     monkeypatch.setattr(model, "dense_points", lambda batch, rows, size: (rows, idx))
     got = model.dense_term(dense, batch)
-    want = dense_double_loop(dense["rgb"][:3], dense["depth"][:3], idx, w, model.cfg.tau, targets == "global+hard")
+
+    def at_cells(f):  # [B, D, h, w] -> [3, 12, D]: the features at the drawn cells
+        return f[:3].flatten(2).transpose(1, 2)[torch.arange(3)[:, None], idx]
+
+    coords = torch.stack([idx % w, idx // w], -1).double()  # [3, 12, 2] (x, y) in cells
+    # a cell drawn twice is one candidate: an anchor keeps itself and drops the other copies of its cell
+    candidates = torch.tensor([[[j == i or cj != ci for j, cj in enumerate(row)] for i, ci in enumerate(row)]
+                               for row in idx.tolist()])  # [3, 12, 12]
+    want = dense_double_loop(at_cells(dense["rgb"]), at_cells(dense["depth"]), coords, model.cfg.tau, candidates,
+                             hard=targets == "global+hard")
     assert abs(got.item() - want) < 1e-4 * abs(want)
 
 
-def test_dense_term_draws_the_same_number_of_points_every_batch():
+def test_dense_term_draws_the_same_number_of_points_every_batch(monkeypatch):
     """N = dense_points in every batch, however small the person (drawn with replacement), and only from the
     person's cells with valid depth."""
     model = tiny(dense_points=64)
@@ -201,13 +186,11 @@ def test_dense_term_draws_the_same_number_of_points_every_batch():
     person = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(12, 12)).flatten(1)
     assert (person[rows[:, None], idx] > 0).all()
     seen = []
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(hcmoco.losses, "bidirectional_dense_loss",
                         lambda f1, f2, *a, **k: seen.append(f1.shape) or f1.sum() * 0)
     for seed in range(3):
         torch.manual_seed(seed)
         model(batch_of(seed=seed))
-    monkeypatch.undo()
     assert [s[1] for s in seen] == [64, 64, 64]
 
 
@@ -219,14 +202,40 @@ def test_eq1_weights_the_terms_as_published():
     assert (model.cfg.lambda_global, model.cfg.lambda_dense, model.cfg.lambda_sparse) == (1.0, 1.0, 1.0)
 
 
-@pytest.mark.slow
-def test_hard_and_soft_dense_terms_differ_only_in_their_targets():
+def test_hard_and_soft_dense_terms_differ_only_in_their_targets(monkeypatch):
+    """Table 3's global+hard and global+soft rows from one seed on one batch: the same global term, and Eq. 5 sees
+    the same features at the same drawn cells with the same candidates; only its targets differ, the identity in
+    the hard row and Eq. 4's soft_weights of the drawn cells in the soft one, and so do the dense terms."""
+    drawn, seen = {}, []
+    draw, loss = hcmoco.HCMoCo.dense_points, losses.bidirectional_dense_loss
+
+    def dense_points(model, batch, rows, size):  # keeps each row's drawn cells idx [b, N] and the grid size
+        drawn[model.cfg.dense] = (*draw(model, batch, rows, size), size)
+        return drawn[model.cfg.dense][:2]
+
+    def bidirectional_dense_loss(f1, f2, weights, tau, candidates):  # keeps what Eq. 5 is given
+        seen.append(dict(f1=f1, f2=f2, weights=weights, candidates=candidates))
+        return loss(f1, f2, weights, tau, candidates)
+
+    monkeypatch.setattr(hcmoco.HCMoCo, "dense_points", dense_points)
+    monkeypatch.setattr(hcmoco.losses, "bidirectional_dense_loss", bidirectional_dense_loss)
     batch = batch_of()
-    results = {}
+    terms = {}
     for targets in ("global+hard", "global+soft"):
         torch.manual_seed(0)
-        results[targets] = tiny(targets=targets)(batch)[1]["dense"]
-    assert results["global+hard"] != results["global+soft"]
+        terms[targets] = tiny(targets=targets)(batch)[1]
+    hard, soft = seen
+    assert terms["global+hard"]["global"] == terms["global+soft"]["global"]
+    assert torch.equal(drawn["hard"][1], drawn["soft"][1])
+    for key in ("f1", "f2", "candidates"):
+        assert torch.equal(hard[key], soft[key]), key
+    b, n = drawn["soft"][1].shape
+    assert torch.equal(hard["weights"], torch.eye(n).expand(b, n, n))
+    _, idx, (h, w) = drawn["soft"]
+    coords = torch.stack([idx % w, idx // w], -1).float()  # [b, N, 2] grid cells (x, y)
+    torch.testing.assert_close(soft["weights"], losses.soft_weights(coords, soft["candidates"]))
+    assert soft["weights"].diagonal(dim1=1, dim2=2).max() < 1  # targets spread over the neighbours
+    assert terms["global+hard"]["dense"] != terms["global+soft"]["dense"]
 
 
 def small_pointnet(**kw):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from conftest import dense_double_loop
 
 
 def unit(x):
@@ -65,28 +66,6 @@ def test_dense_loss_matches_brute_force_sum():
     assert abs(float(got) - total / (B * N)) < 1e-9
 
 
-def dense_double_loop(f1, f2, coords, tau, candidates=None, hard=False):
-    """Eq. 5 written out: both directions, and every anchor's targets over the other modality's candidates come from
-    ITS OWN distances to them (a soft-max over candidates of -distance), whichever modality the anchor is in."""
-    B, N, _ = f1.shape
-    u1, u2 = unit(f1.double()), unit(f2.double())
-    ok = (lambda b, i, j: True) if candidates is None else (lambda b, i, j: bool(candidates[b, i, j]))  # noqa: E731
-    total = 0.0
-    for anchors, others in ((u1, u2), (u2, u1)):
-        for b in range(B):
-            for i in range(N):
-                cands = [j for j in range(N) if ok(b, i, j)]
-                dist = {j: float((coords[b, i] - coords[b, j]).norm()) for j in cands}
-                if hard:
-                    target = {j: float(j == i) for j in cands}
-                else:
-                    z = sum(math.exp(-dist[k]) for k in cands)
-                    target = {j: math.exp(-dist[j]) / z for j in cands}
-                log_den = math.log(sum(math.exp(float(anchors[b, i] @ others[b, k]) / tau) for k in cands))
-                total -= sum(target[j] * (float(anchors[b, i] @ others[b, j]) / tau - log_den) for j in cands)
-    return total / (B * N)
-
-
 def test_bidirectional_dense_loss_matches_the_double_loop_with_each_anchors_own_targets():
     """Fails if the reverse direction takes W^T: a depth anchor's targets are row j of W, not column j (rows of W^T
     do not even sum to 1)."""
@@ -115,19 +94,25 @@ def test_repeated_points_are_one_candidate_and_the_hard_row_stays_infonce():
     eye = torch.eye(N, dtype=torch.float64)[None]
     hard = losses.bidirectional_dense_loss(f1, f2, eye, tau, candidates)
     assert abs(float(hard) - dense_double_loop(f1, f2, coords, tau, candidates, hard=True)) < 1e-9
-    # InfoNCE by hand for anchor 1 (cell 3): its candidates are every point but point 2, the other copy of cell 3
-    s = unit(f1[0]) @ unit(f2[0]).T / tau
+    s = unit(f1[0]) @ unit(f2[0]).T / tau  # [N, N]: RGB anchors in rows, depth anchors in columns
+
+    def infonce(logits, keep):  # [N, N], [N, N] bool -> per anchor, its cross-entropy over its kept candidates
+        # keep[i, i] holds, so the positive's place among anchor i's kept candidates is the count kept before it
+        return [float(F.cross_entropy(logits[i, keep[i]][None], keep[i, :i].sum()[None])) for i in range(N)]
+
+    masked = infonce(s, candidates[0]) + infonce(s.T, candidates[0])
+    assert abs(float(hard) - sum(masked) / N) < 1e-9
+    # anchor 1 (cell 3) by hand: its candidates are every point but point 2, the other copy of cell 3
     keep = [0, 1, 3, 4, 5, 6]
-    one = float(F.cross_entropy(s[1, keep][None], torch.tensor([1])))
+    assert abs(masked[1] - float(F.cross_entropy(s[1, keep][None], torch.tensor([1])))) < 1e-12
     w = losses.soft_weights(coords, candidates)
     assert w[0, 1, 2] == 0 and abs(float(w[0, 1].sum()) - 1) < 1e-12
-    total = sum(float(F.cross_entropy(s[i, [j for j in range(N) if candidates[0, i, j]]][None],
-                                      torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
-                for i in range(N))
-    total += sum(float(F.cross_entropy(s.T[i, [j for j in range(N) if candidates[0, i, j]]][None],
-                                       torch.tensor([[j for j in range(N) if candidates[0, i, j]].index(i)])))
-                 for i in range(N))
-    assert abs(float(hard) - total / N) < 1e-9 and one > 0
+    # without candidates the other copies count as negatives: InfoNCE over all N points, larger for every anchor
+    # that has a copy
+    unmasked = losses.bidirectional_dense_loss(f1, f2, eye, tau)
+    everyone = torch.ones(N, N, dtype=torch.bool)
+    assert abs(float(unmasked) - sum(infonce(s, everyone) + infonce(s.T, everyone)) / N) < 1e-9
+    assert unmasked > hard
 
 
 # ---------------------------------------------------------------- Eq. 6

@@ -18,9 +18,8 @@ import data
 import finetune
 import hcmoco
 import train
-from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, write_bad_checkpoint
+from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, ROOT, write_bad_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-size", "64", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--num-negatives", "8",
         "--workers", "0", "--preset", "cpu", "--log-every", "1", "--heldout", "8", "--warmup", "0"]
 
