@@ -152,6 +152,8 @@ def parse_args(argv=None):
         *[(getattr(cfg, r), f"--data {cfg.data} needs --{r.replace('_', '-')}") for r in roots[cfg.data]],
         *[(getattr(cfg, r) is None, f"--{r.replace('_', '-')}: --data {cfg.data} does not read it")
           for r in ("ntu_root", "mpii_root", "coco_root") if r not in roots[cfg.data]],
+        ("mpii_split" not in given or "mpii_root" in roots[cfg.data],
+         f"--mpii-split: --data {cfg.data} does not read MPII"),
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
         *cli.positive(cfg, ("epochs", "batch_size", "lr", "width", "num_negatives", "dense_points", "tau", "eval_every",
                             "save_every", "log_every")),

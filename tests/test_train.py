@@ -303,7 +303,8 @@ def test_device_cuda_without_a_gpu_is_a_usage_error_before_a_preset_is_chosen(tm
 @pytest.mark.parametrize("args,message", [
     (["--mpii-root", "m"], "--mpii-root: --data synthetic does not read it"),
     (["--data", "ntu+mpii", "--ntu-root", "n", "--mpii-root", "m", "--coco-root", "c"],
-     "--coco-root: --data ntu+mpii does not read it")])
+     "--coco-root: --data ntu+mpii does not read it"),
+    (["--mpii-split", "valid"], "--mpii-split: --data synthetic does not read MPII")])
 def test_a_dataset_root_the_data_does_not_read_is_a_usage_error(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         train.parse_args([*args, "--out", str(tmp_path / "out")])
