@@ -604,10 +604,19 @@ def pretrain(cfg, rank=0, world=1, dataset=None):
     """Stages 1..cfg.stage of a complete Config (parse_args's), as plan() decides: a stage file in cfg.out is
     reused, continued or replaced only when its options allow it. The pre-training set is built (rendered, read)
     only when a stage has to train; `dataset`, when given, is trained on instead of the one cfg describes (items
-    indexed by (index, augmentation seed) as data.MixedDataset gives them; untransformed under --augment batch,
-    data.Transformed parts under --augment published; docs/own-dataset.md). When a stage trains, the stage files
-    it replaces go first and cfg.out/config.json describes the run, so that it always describes the stage files
-    beside it. Returns the stage files' paths."""
+    indexed by (index, augmentation seed) as data.MixedDataset gives them; under --augment batch raw items at
+    cfg.image_size, under --augment published data.Transformed parts; docs/own-dataset.md: ValueError for an
+    augmented or normalised item, or one of another size, under --augment batch, which would augment it again).
+    When a stage trains, the stage files it replaces go first and cfg.out/config.json describes the run, so that
+    it always describes the stage files beside it. Returns the stage files' paths."""
+    if dataset is not None and cfg.augment == "batch":
+        rgb = dataset[(0, 0)]["rgb"]  # [3, H, W]
+        if rgb.shape[-2:] != (cfg.image_size, cfg.image_size) or rgb.min() < 0:
+            raise ValueError(
+                f"augment='batch' augments raw items in the training loop: the dataset's RGB must be "
+                f"{cfg.image_size} x {cfg.image_size} in [0, 1], not augmented or normalised (its first item's is "
+                f"{list(rgb.shape)}, minimum {rgb.min():.2f}); or set augment='published' and augment each item "
+                "(data.Transformed with a data.PairedTransform)")
     log = print if rank == 0 else (lambda *a: None)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)

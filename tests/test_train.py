@@ -17,6 +17,7 @@ import torch
 import data
 import finetune
 import hcmoco
+import synthetic
 import train
 from conftest import BAD_CHECKPOINTS, REAL_SAMPLES, ROOT, write_bad_checkpoint
 
@@ -590,3 +591,15 @@ def test_a_bf16_run_keeps_float32_weights_and_learns_the_same_terms(tmp_path):
     first = {p: rows[p][0]["loss"] for p in rows}
     assert abs(first["bf16"] - first["fp32"]) < 0.05 * first["fp32"]
     assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16" / "stage1.pt").values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("transformed,size", [(True, 32), (False, 48)])
+def test_a_given_dataset_that_batch_augmentation_would_spoil_is_refused(tmp_path, transformed, size):
+    """--augment batch augments raw items at the training size in the loop: an item already augmented and
+    normalised (it would be augmented twice) or of another size is refused before any training, naming the way out."""
+    people = synthetic.SyntheticHumans(4, size, seed=0)
+    part = data.Transformed(people, data.PairedTransform(size)) if transformed else people
+    cfg = train.Config(out=str(tmp_path / "run"), image_size=32, steps=1, batch_size=4, heldout=4, workers=0)
+    with pytest.raises(ValueError, match="augment='published'"):
+        train.pretrain(cfg, dataset=data.MixedDataset([part]))
+    assert not (tmp_path / "run").exists()
