@@ -199,22 +199,27 @@ def run_jobs(jobs, n, what):
     print(f"{what}: {len(jobs)} job(s), {min(n, len(jobs))} at a time", flush=True)
     if n == 1:
         for k, (kind, cfg) in enumerate(jobs, 1):
-            run_job((kind, cfg), threads, quiet=False)
+            run_job((kind, cfg), threads)
             print(f"[{k}/{len(jobs)}] {kind} {cfg.out}", flush=True)
         return
-    with multiprocessing.get_context("spawn").Pool(n) as pool:
-        for k, (kind, cfg) in enumerate(pool.imap_unordered(functools.partial(run_job, threads=threads, quiet=True),
-                                                            jobs), 1):
-            print(f"[{k}/{len(jobs)}] {kind} {cfg.out}", flush=True)
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when imported: the spawned processes start with it
+    try:
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            for k, (kind, cfg) in enumerate(pool.imap_unordered(functools.partial(run_job, threads=threads), jobs), 1):
+                print(f"[{k}/{len(jobs)}] {kind} {cfg.out}", flush=True)
+    finally:
+        if previous is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = previous
 
 
-def run_job(job, threads, quiet):
+def run_job(job, threads):
     """One job in this process, on `threads` threads: train.pretrain of a train.Config or finetune.run of a
     finetune.Config."""
     kind, cfg = job
     torch.set_num_threads(threads)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
     if kind == "train":
         train.pretrain(cfg)
     else:

@@ -289,7 +289,7 @@ def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
 
 
 def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
-    monkeypatch.setattr(experiments, "run_job", lambda job, threads, quiet: job)
+    monkeypatch.setattr(experiments, "run_job", lambda job, threads: job)
     jobs = [("finetune", finetune.Config(out="a")), ("finetune", finetune.Config(out="b"))]
     experiments.run_jobs(jobs, 1, "fine-tuning")
     assert capsys.readouterr().out.splitlines() == ["fine-tuning: 2 job(s), 1 at a time", "[1/2] finetune a",
