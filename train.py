@@ -560,7 +560,8 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     augment = data.BatchAugment() if cfg.augment == "batch" else None
     model.train()
     t0 = time.time()
-    with tqdm(total=total, initial=start, desc=f"stage {stage}", disable=not lead, dynamic_ncols=True) as bar:
+    quiet = {} if lead else {"disable": True}  # an explicit disable=False would override TQDM_DISABLE
+    with tqdm(total=total, initial=start, desc=f"stage {stage}", dynamic_ncols=True, **quiet) as bar:
         for step, batch in zip(range(start, total), loader):
             lr = learning_rate(cfg, step, total, per_epoch)
             for group in optimizer.param_groups:
