@@ -66,7 +66,7 @@ def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
     # a row per step, and the monitors before the first update and after the last one (step = total)
     assert [(r["stage"], r["step"]) for r in rows] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (2, 3)]
     assert {"loss", "global", "dense", "sparse"} <= set(rows[-2]) and "dense" not in rows[0]
-    monitors = {"retrieval", "cos_rgb", "cos_depth", "cos_keypoints", "dense_acc", "dense_acc_other",
+    monitors = {"retrieval", "cos_rgb", "cos_depth", "cos_keypoints", "dense_acc", "dense_acc_other", "dense_acc_moved",
                 "conv_norm_rgb", "conv_cos_rgb", "conv_norm_depth", "conv_cos_depth"}
     assert all(monitors <= set(rows[i]) for i in (0, 3, 4, 7)) and not monitors & set(rows[1])
     assert rows[0]["conv_cos_rgb"] == 1.0 and rows[3]["conv_cos_rgb"] < 1.0  # stage 1 moved its weights
@@ -76,7 +76,8 @@ def test_two_stages_chain_and_log(tmp_path, capsys, monkeypatch):
         assert (f"stage {stage} done after 3 steps: held-out RGB -> depth top-1 {100 * r['retrieval']:.1f} % among 8 "
                 f"people (chance 12.5 %), global cosine between people {r['cos_rgb']:.2f} (1 = collapsed), dense "
                 f"matching {100 * r['dense_acc']:.0f} % vs {100 * r['dense_acc_other']:.0f} % with another person's "
-                "depth (the positional control)") in out.splitlines()
+                f"depth and {100 * r['dense_acc_moved']:.0f} % with the depth moved (pixel position alone: ~18 %)"
+                ) in out.splitlines()
     assert (tmp_path / "loss.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "stage2.pt", weights_only=True)
     assert ckpt["done"] and ckpt["step"] == 3 and hcmoco.TARGETS["global+soft+sparse"].items() <= ckpt["config"]["model"].items()
@@ -392,7 +393,7 @@ def test_loss_plot_labels_its_axes_and_the_stage_boundary_and_has_no_empty_panel
     assert "%" in retrieval.get_ylabel()
     assert list(retrieval.get_lines()[0].get_xdata()) == [0, 2, 3, 4]  # stage 2 counted on from stage 1's 3 steps
     assert list(retrieval.get_lines()[0].get_ydata()) == [25.0, 25.0, 25.0, 50.0]
-    assert "%" in by_title["dense match: RGB pixel finds its depth cell"].get_ylabel()
+    assert "%" in by_title["dense match: RGB cell finds its depth cell"].get_ylabel()
     assert by_title["total loss (Eq. 1)"].get_ylabel() == "nats"
     # stage 1 alone: no boundary, and no panels for the terms it does not train
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
