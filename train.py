@@ -331,9 +331,8 @@ def model_config(cfg, stage, bank_size):
                         keypoint_graph=cfg.keypoint_graph, **TARGETS["global" if stage == 1 else cfg.targets],
                         lambda_global=cfg.lambda_global, lambda_dense=cfg.lambda_dense,
                         lambda_sparse=cfg.lambda_sparse, tau=cfg.tau, init=cfg.init, bn_momentum=cfg.bn_momentum,
-                        global_loss=cfg.global_loss,
-                        num_negatives=cfg.num_negatives, momentum=cfg.momentum, bank_size=bank_size,
-                        dense_points=cfg.dense_points)
+                        global_loss=cfg.global_loss, num_negatives=cfg.num_negatives, momentum=cfg.momentum,
+                        bank_size=bank_size, dense_points=cfg.dense_points)
 
 
 def learning_rate(cfg, step, total, steps_per_epoch):
@@ -391,15 +390,12 @@ def monitors(model, batch, initial, points=32):
         out[f"cos_{m}"] = ((c.sum() - c.diagonal().sum()) / (len(c) * (len(c) - 1))).item()
     gen = torch.Generator(device=sim.device).manual_seed(0)  # the same cells every time, the global RNG untouched
     B, D, h, w = dense["rgb"].shape
-    person = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(h, w)).flatten(1) > 0
+    person = person_cells(batch, h, w)
     other = person.roll(1, 0)  # the next person's cells, and their depth embeddings below
     for key, depth, where in (("dense_acc", dense["depth"], person),
                               ("dense_acc_other", dense["depth"].roll(1, 0), person & other)):
-        keep = where.sum(1) > 0
-        idx = torch.multinomial(where[keep].float(), points, replacement=True, generator=gen)  # [b, N]
-        pick = lambda f: torch.gather(f[keep].flatten(2), 2, idx[:, None].expand(-1, D, -1))  # noqa: E731 [b, D, N]
-        nearest = torch.einsum("bdi,bdj->bij", pick(dense["rgb"]), pick(depth)).argmax(-1)  # [b, N]
-        out[key] = (torch.gather(idx, 1, nearest) == idx).float().mean().item()  # a repeat of the cell counts
+        out[key] = cell_matching(dense["rgb"], where, points, gen, lambda keep, idx, depth=depth: torch.gather(
+            depth[keep].flatten(2), 2, idx[:, None].expand(-1, D, -1)))
     out["dense_acc_moved"] = moved_matching(model, batch, dense["rgb"], points, gen)
     for m, weights in initial.items():
         now = [p for p in model.encoders[m].parameters() if p.dim() == 4]
@@ -408,6 +404,22 @@ def monitors(model, batch, initial, points=32):
                                    for p, p0 in zip(now, weights)) / len(now)
     model.train(was_training)
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def person_cells(batch, h, w):
+    """[B, h*w]: the cells of the h x w grid that hold some of the person's depth."""
+    return F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(h, w)).flatten(1) > 0
+
+
+def cell_matching(rgb, where, points, gen, depth_at):
+    """The share of `points` cells drawn per image among `where` [B, h*w] (with replacement, from `gen`) whose RGB
+    embedding's nearest depth embedding among the drawn cells' is its own cell. rgb: [B, D, h, w]; depth_at(keep,
+    idx) gives the depth embeddings [b, D, N] of the drawn cells idx [b, N] of the images `keep` that have any."""
+    keep = where.sum(1) > 0
+    idx = torch.multinomial(where[keep].float(), points, replacement=True, generator=gen)  # [b, N]
+    f1 = torch.gather(rgb[keep].flatten(2), 2, idx[:, None].expand(-1, rgb.shape[1], -1))  # [b, D, N]
+    nearest = torch.einsum("bdi,bdj->bij", f1, depth_at(keep, idx)).argmax(-1)  # [b, N]
+    return (torch.gather(idx, 1, nearest) == idx).float().mean().item()  # a repeat of the cell counts
 
 
 def moved_matching(model, batch, rgb, points, gen):
@@ -427,15 +439,10 @@ def moved_matching(model, batch, rgb, points, gen):
     cells = torch.stack([xs, ys], -1).flatten(0, 1).float()  # [h*w, 2] (x, y) of each cell
     centres = (cells + 0.5) * rgb.new_tensor([W / w, H / h]) - 0.5  # [h*w, 2] in image pixels
     there = apply_affine(M, centres.expand(B, -1, -1))  # [B, h*w, 2] in the moved image
-    on = F.interpolate((batch["mask"][:, None] & (batch["depth"] > 0)).float(), size=(h, w)).flatten(1) > 0
     lands = sample_at(moved["mask"][:, None].float() * (moved["depth"] > 0), there, (H, W))[..., 0] > 0.5
-    where = on & lands & ((there >= 0) & (there <= there.new_tensor([W - 1, H - 1]))).all(-1)
-    keep = where.sum(1) > 0
-    idx = torch.multinomial(where[keep].float(), points, replacement=True, generator=gen)  # [b, N]
-    f1 = torch.gather(rgb[keep].flatten(2), 2, idx[:, None].expand(-1, D, -1))  # [b, D, N]
-    f2 = sample_at(depth[keep], torch.gather(there[keep], 1, idx[..., None].expand(-1, -1, 2)), (H, W))  # [b, N, D]
-    nearest = torch.einsum("bdi,bjd->bij", f1, f2).argmax(-1)  # [b, N]
-    return (torch.gather(idx, 1, nearest) == idx).float().mean().item()
+    where = person_cells(batch, h, w) & lands & ((there >= 0) & (there <= there.new_tensor([W - 1, H - 1]))).all(-1)
+    return cell_matching(rgb, where, points, gen, lambda keep, idx: sample_at(
+        depth[keep], torch.gather(there[keep], 1, idx[..., None].expand(-1, -1, 2)), (H, W)).transpose(1, 2))
 
 
 def monitor_line(m, people):
