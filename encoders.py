@@ -234,15 +234,17 @@ class HRNet(nn.Module):
         return f"{name} ({shape})"
 
     @classmethod
-    def from_pretrained(cls, path, init="official", prefixes=("backbone.",), ckpt=None, fallback=None):
+    def from_pretrained(cls, path, init="official", prefixes=("backbone.",), ckpt=None, fallback=None,
+                        bn_momentum=BN_MOMENTUM):
         """(net, report): an HRNet of the configuration of the file at `path` (HRNet.architecture of the tensors
         hrnet_state finds; `ckpt`: the file already loaded), with the file's weights (load_state); `init` for what
-        the file lacks. A file whose configuration cannot be read raises CheckpointError, or, with a `fallback`
-        HRNet, is loaded into it (load_state then names what does not match)."""
+        the file lacks, `bn_momentum` for its BatchNorms. A file whose configuration cannot be read raises
+        CheckpointError, or, with a `fallback` HRNet, is loaded into it (load_state then names what does not
+        match)."""
         ckpt = load_checkpoint(path, "an HRNet state_dict") if ckpt is None else ckpt
         state, _ = hrnet_state(ckpt, path, prefixes)
         try:
-            net = cls(**cls.architecture(state), init=init)
+            net = cls(**cls.architecture(state), init=init, bn_momentum=bn_momentum)
         except ValueError as e:
             if fallback is None:
                 raise CheckpointError(f"{path}: not an HRNet state_dict ({e})") from e

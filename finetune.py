@@ -355,7 +355,8 @@ def load_backbone(init, modality, default_cfg):
             raise CheckpointError(f"{init}: its depth encoder is a {arch.depth_encoder}, not an HRNet")
         net = build_hrnet(arch)
         return net, net.load_state(ckpt, init, hrnet_prefixes(modality))
-    return HRNet.from_pretrained(init, default_cfg.init, hrnet_prefixes(modality), ckpt, build_hrnet(default_cfg))
+    return HRNet.from_pretrained(init, default_cfg.init, hrnet_prefixes(modality), ckpt, build_hrnet(default_cfg),
+                                 default_cfg.bn_momentum)
 
 
 class Finetuner(nn.Module):

@@ -134,6 +134,8 @@ def test_init_takes_a_fine_tuned_model_and_its_backbone_goes_on(checkpoint, tmp_
     tuned = torch.load(first / "model.pt", weights_only=True)["model"]
     net, report = finetune.load_backbone(str(first / "model.pt"), "depth", finetune.scratch_config(finetune.Config()))
     assert net.out_channels[0] == 4 and report["missing"] == [] and report["unexpected"] == []
+    # fine-tuning's BatchNorm momentum, as for a scratch backbone, not the HRNet's published default
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {finetune.SCRATCH_BN_MOMENTUM}
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, tuned[f"backbone.{k}"], msg=k)
     m = finetune.main(["--task", "rgb-parsing", "--init", str(first / "model.pt"), "--out", str(tmp_path / "again"),
