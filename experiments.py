@@ -5,13 +5,14 @@ stage or a run with a metrics.json is not redone).
     python finetune.py experiments --out runs/experiments ...     # the same
 
 Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it; the
-whole pre-training again with two more seeds (the noise floor); with --backbone-init, once more from those weights
-(the paper's Ours* vs Ours: ImageNet init vs none).
+whole pre-training again with two more seeds (the noise floor); a stage 1 with MMV's objective in Eq. 2's place
+(--global-loss mmv: the MMV baseline); with --backbone-init, once more from those weights (the paper's Ours* vs
+Ours: ImageNet init vs none).
 Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
 subsets x 2 seeds, so every comparison is paired:
-  Table 2   scratch / CMC / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
+  Table 2   scratch / CMC / MMV / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
   curves    scratch and HCMoCo at 5 % labels after 100 fine-tuning steps (the tables use 300)
-  probes    frozen linear probes (rgb-probe, depth-probe) of every Table 3 row, of the noise-floor seeds, of a
+  probes    frozen linear probes (rgb-probe, depth-probe) of every Table 3 row, of MMV, of the noise-floor seeds, of a
             random network with the same init and of pixel (x, y) + input
   Table 3   every row (sample-level, + dense hard, + dense soft, + sparse) on RGB and depth parsing at 5 % labels
             and by its probes; each row's gain over the previous one with its interval
@@ -38,7 +39,7 @@ import finetune
 import train
 from encoders import CheckpointError
 
-ARMS = ("scratch", "CMC", "HCMoCo")  # Table 2's inits
+ARMS = ("scratch", "CMC", "MMV", "HCMoCo")  # Table 2's inits
 LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
 LABELS = {"global": "sample-level (CMC form)", "hard": "+ dense, hard (InfoNCE)", "soft": "+ dense, soft",
           "full": "+ sparse (HCMoCo)"}
@@ -110,6 +111,9 @@ def pretraining(opts, quick):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
         jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
         ckpts[name] = os.path.join(out, "stage2.pt")
+    # MMV is a sample-level method like CMC: one stage, as long as CMC's stage 1
+    jobs.append(("train", replace(base, stage=1, global_loss="mmv", out=os.path.join(pre, "mmv"))))
+    ckpts["MMV"] = os.path.join(pre, "mmv", "stage1.pt")
     for seed in NOISE_SEEDS:
         out = os.path.join(pre, f"full-seed{seed}")
         jobs.append(("train", replace(base, stage=2, seed=seed, out=out)))
@@ -118,7 +122,7 @@ def pretraining(opts, quick):
         out = os.path.join(pre, "full-imagenet")
         jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
         ckpts["imagenet"] = os.path.join(out, "stage2.pt")
-    run_jobs(jobs, opts.jobs, "pre-training stage 2: a Table 3 row each, the noise-floor seeds")
+    run_jobs(jobs, opts.jobs, "pre-training: stage 2 of each Table 3 row and noise-floor seed, MMV's stage 1")
     ckpts["HCMoCo"] = ckpts["full"]
     return ckpts
 
@@ -150,7 +154,7 @@ def grid(ckpts, quick):
                 add(Run("table2", task, "HCMoCo*", **kw), init=inits["imagenet"])
     for modality in ("rgb", "depth"):
         task = f"{modality}-probe"
-        for arm in ("random", "pixels", "CMC", *LADDER, *(f"seed{s}" for s in NOISE_SEEDS)):
+        for arm in ("random", "pixels", "CMC", "MMV", *LADDER, *(f"seed{s}" for s in NOISE_SEEDS)):
             init = {"random": "scratch", "pixels": "pixels"}.get(arm, inits.get(arm))
             add(Run("probe", task, arm), init=init, scratch_init=same_init)
     for protocol, arms in (("published", (("none", "CMC", "none"), ("CMC", "CMC", "global"), ("HCMoCo", "CMC", "full"))),
@@ -266,7 +270,7 @@ def summarise(measured, main_steps):
             high = select(measured, group="table2", task=task, arm=a, ratio=HIGH)
             out["table2"][f"{task}/{a}"] = dict(low=float(np.mean(low[a])), low_sd=float(np.std(low[a])),
                                                 **({"high": high[0]["metrics"]["miou"]} if high else {}))
-        pairs = [("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("CMC", "scratch")]
+        pairs = [("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("HCMoCo", "MMV"), ("CMC", "scratch")]
         for a, b in pairs + ([("HCMoCo*", "HCMoCo")] if "HCMoCo*" in arms else []):
             out["gains"][f"{task}/{a}-{b}"] = paired_gain(low[a], low[b])
         for arm in ("scratch", "HCMoCo"):  # the curves' subset and seed: the first of the grid
@@ -327,8 +331,8 @@ def results_markdown(s):
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"| paired gain at {LOW:.0%} labels (mIoU) | RGB parsing: mean [95 % CI], wins | depth parsing |",
               "|---|---|---|"]
-    for pair in sorted({k.split("/")[1] for k in s["gains"]}, key=lambda p: ("HCMoCo-scratch", "HCMoCo-CMC",
-                                                                          "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
+    for pair in sorted({k.split("/")[1] for k in s["gains"]}, key=lambda p: (
+            "HCMoCo-scratch", "HCMoCo-CMC", "HCMoCo-MMV", "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
         lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(interval(s["gains"][f"{t}/{pair}"])
                                                                     for t in PARSING) + " |")
     budgets = sorted({int(k.rsplit("/", 1)[1]) for k in s["curves"]})
@@ -340,7 +344,7 @@ def results_markdown(s):
     p = s["probes"]
     lines += ["", "| frozen linear probe (all labels) | RGB mIoU | depth mIoU |", "|---|---|---|"]
     for arm, label in (("pixels", "pixel (x, y) + input"), ("random", "random network, same init"), ("CMC", "CMC"),
-                       ("full", "HCMoCo")):
+                       ("MMV", "MMV"), ("full", "HCMoCo")):
         lines.append(f"| {label} | {f(p['rgb'][arm])} | {f(p['depth'][arm])} |")
     lines += ["", f"| Table 3 row | RGB probe | depth probe | RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |",
               "|---|---|---|---|---|"]

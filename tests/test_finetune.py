@@ -301,10 +301,11 @@ def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
     """Every arm of a comparison runs on the same label subsets and seeds (its gains are paired); each run has a
     folder of its own; the published versatility protocol starts every arm from the CMC checkpoint, the arms
-    differing only in their contrastive targets; with --backbone-init weights, Ours* (HCMoCo pre-trained from them)
-    joins Table 2 on the same pairs, and without them it is absent."""
+    differing only in their contrastive targets; the MMV baseline runs on the same pairs from its own stage file;
+    with --backbone-init weights, Ours* (HCMoCo pre-trained from them) joins Table 2 on the same pairs, and without
+    them it is absent."""
     ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("CMC", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2")}
+             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2")}
     runs = experiments.grid(dict(ckpts, imagenet="imagenet.pt"), quick=False)
     assert len({r.folder for r in runs}) == len(runs)
 
@@ -314,12 +315,13 @@ def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_w
     for task in experiments.PARSING:
         scratch = pairs(group="table2", task=task, arm="scratch", ratio=experiments.LOW)
         assert len(scratch) == 6
-        for arm in ("CMC", "HCMoCo", "HCMoCo*"):
+        for arm in ("CMC", "MMV", "HCMoCo", "HCMoCo*"):
             assert pairs(group="table2", task=task, arm=arm, ratio=experiments.LOW) == scratch
         for row in ("global", "hard", "soft"):
             assert pairs(group="ladder", task=task, arm=row) == scratch
             assert {c["init"] for r, c in runs.items() if r.group == "ladder" and r.arm == row} == {f"{row}.pt"}
     assert {c["init"] for r, c in runs.items() if r.arm == "HCMoCo*"} == {"imagenet.pt"}
+    assert {c["init"] for r, c in runs.items() if r.arm == "MMV"} == {"MMV.pt"}  # its Table 2 runs and its probes
     published = {(r.task, r.arm, r.source): c for r, c in runs.items()
                  if r.group == "versatility" and r.protocol == "published"}
     assert len(published) == 9 and {c["init"] for c in published.values()} == {str(checkpoint)}
