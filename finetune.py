@@ -43,8 +43,8 @@ import data
 import synthetic
 from encoders import CheckpointError, HRNet, back_project, load_checkpoint, merge_maps
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, build_hrnet, depth_input, hrnet_prefixes, person_depth
+from schema import IGNORE, NUM_CLASSES, NUM_JOINTS, PART_NAMES
 
-NUM_CLASSES = 25
 KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "parts", "iuv", "joints3d", "intrinsics", "present",
         "index")  # what a labelled synthetic item carries
 PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -56,7 +56,7 @@ SCRATCH_BANK_SIZE, SCRATCH_NEGATIVES, SCRATCH_BN_MOMENTUM = 4096, 256, 0.1
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(pred, label, num_classes=NUM_CLASSES, ignore=255):
+def confusion_matrix(pred, label, num_classes=NUM_CLASSES, ignore=IGNORE):
     """[K, K] counts, rows = ground truth, columns = prediction; `ignore` pixels are left out."""
     keep = label != ignore
     return torch.bincount(label[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view(num_classes, -1)
@@ -72,7 +72,7 @@ def parsing_metrics(cm):
     iou = tp / (gt + pred - tp).clamp(min=1)
     return {"miou": 100 * iou[seen].mean().item(), "macc": 100 * (tp[seen] / gt[seen]).mean().item(),
             "aacc": 100 * (tp.sum() / cm.sum()).item(),
-            "iou": {synthetic.PART_NAMES[k]: round(100 * iou[k].item(), 2) for k in range(len(cm)) if seen[k]}}
+            "iou": {PART_NAMES[k]: round(100 * iou[k].item(), 2) for k in range(len(cm)) if seen[k]}}
 
 
 def segmentation_metrics(pred, label):
@@ -81,7 +81,7 @@ def segmentation_metrics(pred, label):
     return dict(parsing_metrics(confusion_matrix(pred, label)), per_image=image_counts(pred, label))
 
 
-def image_counts(pred, label, num_classes=NUM_CLASSES, ignore=255):
+def image_counts(pred, label, num_classes=NUM_CLASSES, ignore=IGNORE):
     """Per image and class: pixels of the intersection of prediction and truth, of their union, and of the truth.
     pred, label [N, H, W] -> [N, 3, K] long; summed over any set of images they give that set's IoUs."""
     classes = torch.arange(num_classes, device=pred.device).view(1, -1, 1, 1)
@@ -187,8 +187,8 @@ class DensePoseHead(nn.Module):
 
 
 def parsing_loss(logits, batch):
-    """Cross-entropy against the part labels (255 ignored) -> (loss, predicted parts [B, H, W])."""
-    return F.cross_entropy(logits, batch["parts"], ignore_index=255), logits.argmax(1)
+    """Cross-entropy against the part labels (IGNORE left out) -> (loss, predicted parts [B, H, W])."""
+    return F.cross_entropy(logits, batch["parts"], ignore_index=IGNORE), logits.argmax(1)
 
 
 def pose_loss(out, batch):
@@ -367,8 +367,7 @@ class Finetuner(nn.Module):
         self.task = TASKS[cfg.task]
         self.backbone, self.report = load_backbone(cfg.init, self.task.modality, scratch_config(cfg))
         # ITOP labels its own 15 joints; the synthetic people MPII's 16
-        joints = {"joints": data.ITOP.JOINTS if cfg.itop_root else len(synthetic.JOINT_NAMES)} \
-            if self.task.head is PoseHead else {}
+        joints = {"joints": data.ITOP.JOINTS if cfg.itop_root else NUM_JOINTS} if self.task.head is PoseHead else {}
         self.head = self.task.head(sum(self.backbone.out_channels), **joints)
 
     def features(self, batch):
@@ -672,13 +671,13 @@ class Probe(nn.Module):
 
 def cell_labels(y, size):
     """The majority label of each cell of a `size` (h, w) grid over part labels y [N, H, W], among the cell's
-    labelled pixels (255 where it has none). A feature cell sees its whole area: a nearest-neighbour downsampling
+    labelled pixels (IGNORE where it has none). A feature cell sees its whole area: a nearest-neighbour downsampling
     would label it with one corner pixel's part."""
     cells = []
     for part in y.split(64):
-        votes = F.one_hot(torch.where(part == 255, NUM_CLASSES, part), NUM_CLASSES + 1)[..., :NUM_CLASSES]
+        votes = F.one_hot(torch.where(part == IGNORE, NUM_CLASSES, part), NUM_CLASSES + 1)[..., :NUM_CLASSES]
         votes = F.adaptive_avg_pool2d(votes.permute(0, 3, 1, 2).float(), size)  # [n, K, h, w]
-        cells.append(torch.where(votes.sum(1) > 0, votes.argmax(1), 255))
+        cells.append(torch.where(votes.sum(1) > 0, votes.argmax(1), IGNORE))
     return torch.cat(cells)
 
 
@@ -692,7 +691,7 @@ def fit_probe(x, y, lr, steps, seed, pixels=4096):
     probe = Probe(x)
     feats = ((x - probe.mean[:, None, None]) / probe.std[:, None, None]).permute(0, 2, 3, 1).flatten(0, 2)  # [P, C]
     labels = small.flatten()
-    keep = labels != 255
+    keep = labels != IGNORE
     feats, labels = feats[keep], labels[keep]
     counts = torch.bincount(labels, minlength=NUM_CLASSES).float()
     weight = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
