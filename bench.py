@@ -304,7 +304,7 @@ def bench_train():
     t_step = timeit(step, warmup=1, iters=3)
     from hcmoco import HCMoCo
     model = HCMoCo(train.model_config(cfg, 2, 4096)).to(DEVICE)
-    heldout = data.to_device(train.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
+    heldout = data.to_device(data.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
     initial = train.conv_weights(model)
     t_mon = timeit(lambda: train.monitors(model, heldout, initial), warmup=1, iters=2)
     import tempfile

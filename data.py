@@ -1,4 +1,4 @@
-"""Data: real dataset readers, modality masks, mixing, paired transforms and collate.
+"""Data: real dataset readers, modality masks, mixing, paired transforms, collate and the fixed held-out batch.
 
 Every reader returns the sample dict of docs/conventions.md, keypoints in the MPII-16 order (schema.py):
     rgb [3,H,W] float in [0, 1] (PairedTransform normalises it), depth [1,H,W] metres (0 = no return),
@@ -14,7 +14,8 @@ depth. Every reader with depth therefore supplies the person `mask` (synthetic: 
 RGB+D: the non-zero pixels of its masked depth maps; parsing sets: the labelled pixels; ITOP: its segmentation).
 
 Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton), mixed by pretraining_set. Downstream:
-Human36MParts, NTURGBDParsing, ITOP. Batches: StepBatches (seeded, resumable), collate, to_device.
+Human36MParts, NTURGBDParsing, ITOP. Batches: StepBatches (seeded, resumable), collate, to_device; the monitors' and
+notebooks' fixed batch of held-out people: heldout_batch.
 """
 import json
 import math
@@ -724,6 +725,7 @@ PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intr
 
 
 PRETRAIN_SOURCES = ("synthetic", "synthetic+mpii", "mpii", "ntu+mpii", "ntu+coco")
+HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 
 
 def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_samples=4096, seed=0, cache=False,
@@ -759,6 +761,14 @@ def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_sample
         return MixedDataset(parts, balanced=balanced)
     return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)],
                         balanced=balanced)
+
+
+def heldout_batch(image_size, n, seed=HELDOUT_SEED):
+    """A fixed batch of n indoor synthetic people (every modality), resized only: by default the monitors' held-out
+    people, whom no training seed draws."""
+    people = synthetic.SyntheticHumans(n, image_size, seed=seed, domain="indoor")
+    transform = PairedTransform(image_size, train=False)
+    return collate([transform(people[i]) for i in range(len(people))])
 
 
 # --------------------------------------------------------------------------------------------------------- batches
