@@ -181,14 +181,14 @@ def samples_per_second(model, make_input, batch, bf16=False):
 
 
 def bench_encoders():
-    import synthetic
     from encoders import HRNet, PointNet2, SemGCN
+    from schema import PARENTS
     image = lambda c, s: lambda b: torch.randn(b, c, s, s, device=DEVICE)  # noqa: E731
     cases = [("HRNet-W18 256x256", HRNet(18), image(3, 256), 2 if DEVICE.type == "cpu" else 56),
              ("HRNet.small 96x96 (CPU preset)", HRNet.small(), image(3, 96), 16),
              ("HRNet.small 128x128", HRNet.small(), image(3, 128), 16),
              ("PointNet2.small 4,096 points", PointNet2.small(), lambda b: torch.rand(b, 4096, 3, device=DEVICE), 4),
-             ("SemGCN 16 joints", SemGCN(parents=synthetic.PARENTS),
+             ("SemGCN 16 joints", SemGCN(parents=PARENTS),
               lambda b: (torch.rand(b, 16, 2, device=DEVICE),), 256)]
     rows = []
     for name, model, make, batch in cases:
@@ -304,7 +304,7 @@ def bench_train():
     t_step = timeit(step, warmup=1, iters=3)
     from hcmoco import HCMoCo
     model = HCMoCo(train.model_config(cfg, 2, 4096)).to(DEVICE)
-    heldout = data.to_device(train.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
+    heldout = data.to_device(data.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
     initial = train.conv_weights(model)
     t_mon = timeit(lambda: train.monitors(model, heldout, initial), warmup=1, iters=2)
     import tempfile

@@ -1,9 +1,9 @@
-"""Data: the sample schema, real dataset readers, modality masks, mixing, paired transforms and collate.
+"""Data: real dataset readers, modality masks, mixing, paired transforms, collate and the fixed held-out batch.
 
-Every reader returns the sample dict of docs/conventions.md, keypoints in the MPII-16 order:
+Every reader returns the sample dict of docs/conventions.md, keypoints in the MPII-16 order (schema.py):
     rgb [3,H,W] float in [0, 1] (PairedTransform normalises it), depth [1,H,W] metres (0 = no return),
     keypoints [16,2] pixel (x, y), keypoints_visible [16] bool, optional labels parts [H,W] int64 (0 background,
-    1..24 parts, 255 ignore), joints3d [J,3], iuv [3,H,W], mask [H,W] bool, intrinsics [3,3];
+    1..24 parts, IGNORE = 255 ignored), joints3d [J,3], iuv [3,H,W], mask [H,W] bool, intrinsics [3,3];
     present {rgb, depth, keypoints} bools; index int.
 A modality a dataset lacks is left out of its items (present[...] = False); `collate` zero-fills it.
 
@@ -14,7 +14,8 @@ depth. Every reader with depth therefore supplies the person `mask` (synthetic: 
 RGB+D: the non-zero pixels of its masked depth maps; parsing sets: the labelled pixels; ITOP: its segmentation).
 
 Pre-training: MPII, COCOKeypoints, NTURGBD (+ read_ntu_skeleton), mixed by pretraining_set. Downstream:
-Human36MParts, NTURGBDParsing, ITOP. Batches: StepBatches (seeded, resumable), collate, to_device.
+Human36MParts, NTURGBDParsing, ITOP. Batches: StepBatches (seeded, resumable), collate, to_device; the monitors' and
+notebooks' fixed batch of held-out people: heldout_batch.
 """
 import json
 import math
@@ -33,9 +34,8 @@ from tqdm import tqdm
 
 import synthetic
 from encoders import apply_affine
-from synthetic import FLIP_JOINTS, FLIP_PARTS
+from schema import FLIP_JOINTS, FLIP_PARTS, IGNORE, MODALITIES, NUM_JOINTS
 
-MODALITIES = ("rgb", "depth", "keypoints")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
@@ -119,7 +119,7 @@ class MPII(SkipBad, torch.utils.data.Dataset):
             self.entries = json.load(f)
         for k, e in enumerate(self.entries):
             missing = {"image", "center", "scale", "joints", "joints_vis"} - set(e)
-            if missing or len(e["joints"]) != 16:
+            if missing or len(e["joints"]) != NUM_JOINTS:
                 raise ValueError(f"{path}: entry {k} ({e.get('image', '?')}) is malformed: "
                                  f"{'missing ' + str(sorted(missing)) if missing else 'needs 16 joints'}")
         self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
@@ -170,7 +170,7 @@ class COCOKeypoints(SkipBad, torch.utils.data.Dataset):
         """[17*3] COCO (x, y, v) -> MPII-16 keypoints [16,2] and visibility [16] (labelled = v > 0)."""
         k = torch.tensor(coco_keypoints, dtype=torch.float32).view(17, 3)
         labelled = k[:, 2] > 0
-        kp, vis = torch.zeros(16, 2), torch.zeros(16, dtype=torch.bool)
+        kp, vis = torch.zeros(NUM_JOINTS, 2), torch.zeros(NUM_JOINTS, dtype=torch.bool)
         for m, c in enumerate(COCO_TO_MPII):
             if c is not None:
                 kp[m], vis[m] = k[c, :2], labelled[c]
@@ -301,7 +301,7 @@ class Human36MParts(SkipBad, torch.utils.data.Dataset):
     def load(self, i):
         rgb_path, label_path = (os.path.join(self.root, p) for p in self.pairs[i])
         parts = read_image(label_path, "L")
-        return dict(rgb=read_image(rgb_path), parts=parts, mask=(parts > 0) & (parts < 255),
+        return dict(rgb=read_image(rgb_path), parts=parts, mask=(parts > 0) & (parts < IGNORE),
                     present={"rgb": True, "depth": False, "keypoints": False}, index=i)
 
 
@@ -322,7 +322,7 @@ class NTURGBDParsing(SkipBad, torch.utils.data.Dataset):
         rgb_path, depth_path, label_path = (os.path.join(self.root, p) for p in self.triples[i])
         parts = read_image(label_path, "L")
         return dict(rgb=read_image(rgb_path), depth=read_image(depth_path, "I").float()[None] / 1000, parts=parts,
-                    mask=(parts > 0) & (parts < 255), present={"rgb": True, "depth": True, "keypoints": False},
+                    mask=(parts > 0) & (parts < IGNORE), present={"rgb": True, "depth": True, "keypoints": False},
                     index=i)
 
 
@@ -412,7 +412,7 @@ def collate(samples):
     the losses can mask it. Label keys are kept when every sample has them."""
     H, W = next(s[k] for s in samples for k in ("rgb", "depth") if k in s).shape[-2:]
     blank = {"rgb": torch.zeros(3, H, W), "depth": torch.zeros(1, H, W), "mask": torch.zeros(H, W, dtype=torch.bool),
-             "keypoints": torch.zeros(16, 2), "keypoints_visible": torch.zeros(16, dtype=torch.bool)}
+             "keypoints": torch.zeros(NUM_JOINTS, 2), "keypoints_visible": torch.zeros(NUM_JOINTS, dtype=torch.bool)}
     batch = {k: torch.stack([s.get(k, v) for s in samples]) for k, v in blank.items()}
     batch["present"] = {m: torch.tensor([bool(s["present"][m]) and (m in s) for s in samples]) for m in MODALITIES}
     batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
@@ -444,7 +444,7 @@ def flip_sample(sample):
             out[k] = sample[k].flip(-1)
     if "parts" in sample:
         parts = sample["parts"].flip(-1)
-        out["parts"] = torch.where(parts == 255, parts, fp[parts.clamp(max=24)])
+        out["parts"] = torch.where(parts == IGNORE, parts, fp[parts.clamp(max=24)])
     if "iuv" in sample:
         iuv = sample["iuv"].flip(-1).clone()
         body = iuv[0] > 0
@@ -556,7 +556,7 @@ class PairedTransform:
         nearest, bilinear = v2.InterpolationMode.NEAREST, v2.InterpolationMode.BILINEAR
         if "rgb" in out:
             out["rgb"] = op(tv_tensors.Image(out["rgb"]), bilinear, 0.0).as_subclass(torch.Tensor)
-        for key, fill in (("depth", 0.0), ("iuv", 0.0), ("mask", False), ("parts", 255)):
+        for key, fill in (("depth", 0.0), ("iuv", 0.0), ("mask", False), ("parts", IGNORE)):
             if key in out:
                 out[key] = op(tv_tensors.Mask(out[key]), nearest, fill).as_subclass(torch.Tensor)
         if "keypoints" in out:
@@ -725,6 +725,7 @@ PRETRAIN_KEYS = ("rgb", "depth", "mask", "keypoints", "keypoints_visible", "intr
 
 
 PRETRAIN_SOURCES = ("synthetic", "synthetic+mpii", "mpii", "ntu+mpii", "ntu+coco")
+HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 
 
 def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_samples=4096, seed=0, cache=False,
@@ -760,6 +761,14 @@ def pretraining_set(source, image_size, recipes=("cpu", "cpu"), synthetic_sample
         return MixedDataset(parts, balanced=balanced)
     return MixedDataset([Transformed(p, PairedTransform(image_size, recipe=r)) for p, r in zip(parts, recipes)],
                         balanced=balanced)
+
+
+def heldout_batch(image_size, n, seed=HELDOUT_SEED):
+    """A fixed batch of n indoor synthetic people (every modality), resized only: by default the monitors' held-out
+    people, whom no training seed draws."""
+    people = synthetic.SyntheticHumans(n, image_size, seed=seed, domain="indoor")
+    transform = PairedTransform(image_size, train=False)
+    return collate([transform(people[i]) for i in range(len(people))])
 
 
 # --------------------------------------------------------------------------------------------------------- batches

@@ -2,7 +2,6 @@
 stage or a run with a metrics.json is not redone).
 
     python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
-    python finetune.py experiments --out runs/experiments ...     # the same
 
 Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it; the
 whole pre-training again with two more seeds (the noise floor); a stage 1 with MMV's objective in Eq. 2's place
@@ -38,6 +37,7 @@ import cli
 import finetune
 import train
 from encoders import CheckpointError
+from metrics import miou_of_counts
 
 ARMS = ("scratch", "CMC", "MMV", "HCMoCo")  # Table 2's inits
 LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
@@ -189,7 +189,7 @@ def experiments(opts):
 
 def read_run(folder):
     """{'metrics': the run's metrics.json without its config and per-class table, 'counts': its per_image.pt
-    ({'per_image': finetune.image_counts of the test set}, a versatility run's per test view) or None}."""
+    ({'per_image': metrics.image_counts of the test set}, a versatility run's per test view) or None}."""
     with open(os.path.join(folder, "metrics.json")) as f:
         metrics = {k: v for k, v in json.load(f).items() if k not in ("config", "iou", "sweep")}
     path = os.path.join(folder, "per_image.pt")
@@ -244,13 +244,12 @@ def paired_gain(a, b, resamples=10_000, seed=0):
 def image_bootstrap(a, b, resamples=2_000, seed=0):
     """The mIoU difference of two runs on the same test images, mIoU(a) - mIoU(b), with its bootstrap 95 % interval
     over the images (each resample draws the images with replacement and recomputes both mIoUs from the per-image
-    counts a, b [N, 3, K] of finetune.image_counts); n = the number of images."""
+    counts a, b [N, 3, K] of metrics.image_counts); n = the number of images."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(len(a), (resamples, len(a)), generator=g)  # [R, N]
-    d = (finetune.miou_of_counts(a[pick]) - finetune.miou_of_counts(b[pick])).numpy()
+    d = (miou_of_counts(a[pick]) - miou_of_counts(b[pick])).numpy()
     lo, hi = np.percentile(d, [2.5, 97.5])
-    return dict(mean=float(finetune.miou_of_counts(a) - finetune.miou_of_counts(b)), lo=float(lo), hi=float(hi),
-                n=len(a))
+    return dict(mean=float(miou_of_counts(a) - miou_of_counts(b)), lo=float(lo), hi=float(hi), n=len(a))
 
 
 def select(measured, **fields):

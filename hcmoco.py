@@ -27,9 +27,8 @@ import torch.nn.functional as F
 import losses
 from encoders import (HRNet, PointNet2, SemGCN, back_project, depth_to_points, gather, load_checkpoint, merge_maps,
                       three_nn_interpolate)
-from synthetic import JOINT_INDEX, PARENTS
+from schema import JOINT_INDEX, MODALITIES, PARENTS
 
-MODALITIES = ("rgb", "depth", "keypoints")
 # The rows of the paper's Table 3, by the name `train.py --targets` selects them with: which levels Eq. 1 adds to
 # the sample-level term (always on).
 TARGETS = {"global": dict(dense="none", sparse=False),

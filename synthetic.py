@@ -13,7 +13,8 @@ Camera frame (joints3d): x right, y down, z forward, metres. Pixels: (x, y) = (c
 integers. The intrinsics are those of a person-centred crop of a Kinect-v2 depth frame (70.6 deg horizontal
 field of view at 512 px): the crop follows the person's projected size, so fx, fy, cx, cy differ per item.
 
-Only numpy and torch are imported, so the file can be copied alone.
+Only numpy, torch and the schema (schema.py: the skeleton and the part names) are imported, so the file can be
+copied with schema.py alone.
 """
 import argparse
 import math
@@ -24,22 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# MPII-16 joint order (docs/conventions.md). PARENTS[j] is the joint that j hangs from in the skeleton (-1 for the
-# root, the pelvis): its bones are the edges of the keypoint encoder's graph and the lines drawn. FLIP_JOINTS[j] is
-# the joint that j becomes in a mirrored image.
-JOINT_NAMES = ["r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle", "pelvis", "thorax",
-               "upper_neck", "head_top", "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist"]
-PARENTS = [1, 2, 6, 6, 3, 4, -1, 6, 7, 8, 11, 12, 7, 7, 13, 14]
-FLIP_JOINTS = [5, 4, 3, 2, 1, 0, 6, 7, 8, 9, 15, 14, 13, 12, 11, 10]
-
-# 0 background + the 24 parts in the paper's table order. FLIP_PARTS[p] is the label p becomes when mirrored.
-PART_NAMES = ["background", "right_hip", "right_knee", "right_foot", "left_hip", "left_knee", "left_foot",
-              "left_shoulder", "left_elbow", "left_hand", "right_shoulder", "right_elbow", "right_hand", "crotch",
-              "right_thigh", "right_calf", "left_thigh", "left_calf", "lower_spine", "upper_spine", "head",
-              "left_arm", "left_forearm", "right_arm", "right_forearm"]
-FLIP_PARTS = [0, 4, 5, 6, 1, 2, 3, 10, 11, 12, 7, 8, 9, 13, 16, 17, 14, 15, 18, 19, 20, 23, 24, 21, 22]
-PART_INDEX = {name: i for i, name in enumerate(PART_NAMES)}
-JOINT_INDEX = {name: i for i, name in enumerate(JOINT_NAMES)}
+from schema import IGNORE, JOINT_NAMES, PARENTS, PART_INDEX, PART_NAMES
 
 POSES = ["standing", "walking", "sitting", "reaching", "arms_raised", "bending", "turning"]
 KINECT_FX, KINECT_WIDTH = 365.0, 512  # Kinect v2 depth camera
@@ -559,10 +545,10 @@ PART_COLOURS = np.concatenate([[[0, 0, 0]], np.random.default_rng(3).uniform(0.1
 
 
 def parts_image(parts):
-    """Part labels [H, W] (tensor) -> colours [H, W, 3]; label 255 (outside the image after a transform, ignored by
-    the losses) in white."""
+    """Part labels [H, W] (tensor) -> colours [H, W, 3]; the IGNORE label (outside the image after a transform,
+    ignored by the losses) in white."""
     p = parts.numpy()
-    return np.where((p == 255)[..., None], 1.0, PART_COLOURS[p.clip(0, 24)])
+    return np.where((p == IGNORE)[..., None], 1.0, PART_COLOURS[p.clip(0, 24)])
 
 
 def draw_skeleton(ax, keypoints, visible):

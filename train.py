@@ -33,12 +33,10 @@ from tqdm import tqdm
 
 import cli
 import data
-import synthetic
 from data import PRETRAIN_SOURCES
 from encoders import CheckpointError, HRNet, apply_affine, load_checkpoint
 from hcmoco import TARGETS, HCMoCo, HCMoCoConfig, hrnet_prefixes, sample_at
 
-HELDOUT_SEED = 900  # the monitors' fixed held-out people, disjoint from every training seed
 MOVED = (30.0, 1.2, (8.0, -6.0))  # the monitors' moved depth view: rotation (degrees), scale, shift (pixels)
 STAGE_SEED = 1000  # stage k draws its batches and augmentations from seed + k * STAGE_SEED
 
@@ -184,13 +182,6 @@ def build_dataset(cfg):
     return data.pretraining_set(cfg.data, cfg.image_size, recipes,
                                 cfg.synthetic_samples, cfg.seed, cfg.cache, cfg.workers, cfg.ntu_root, cfg.mpii_root,
                                 cfg.coco_root, cfg.mpii_split)
-
-
-def heldout_batch(image_size, n):
-    """The fixed held-out batch of the monitors: n indoor synthetic people (every modality), resized only."""
-    people = synthetic.SyntheticHumans(n, image_size, seed=HELDOUT_SEED, domain="indoor")
-    transform = data.PairedTransform(image_size, train=False)
-    return data.collate([transform(people[i]) for i in range(len(people))])
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints, logs
@@ -556,7 +547,7 @@ def run_stage(cfg, stage, dataset, rank=0, world=1, log=print):
     lead = rank == 0  # the rank that measures, logs and saves
     if lead:
         write_row = start_log(cfg.out, stage, start)
-        heldout = data.to_device(heldout_batch(cfg.image_size, cfg.heldout), device)
+        heldout = data.to_device(data.heldout_batch(cfg.image_size, cfg.heldout), device)
 
     def save(step, done):
         if lead:

@@ -1,8 +1,12 @@
 """What every notebook runs first. Importing this file (the kernel starts in notebooks/) makes the repository root
 the working directory and puts it on sys.path, so that a notebook imports the project's modules and reads and
-writes runs/ as the command lines do."""
+writes runs/ as the command lines do. Also the results folder the notebooks read, and the drawing they share beside
+synthetic.parts_image and synthetic.draw_skeleton: depth with its holes blank, embeddings on principal axes."""
 import os
 import sys
+
+import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.chdir(ROOT)
@@ -26,3 +30,15 @@ def run_folder(results, runs, **fields):
     found = [r["folder"] for r in runs if all(r[k] == v for k, v in fields.items())]
     assert len(found) == 1, f"{len(found)} runs with {fields}"
     return os.path.join(results, found[0])
+
+
+def show_depth(ax, depth):
+    """Depth [1, H, W] in metres on a matplotlib axis, in the turbo colour map; holes (0: no measurement) blank."""
+    return ax.imshow(np.ma.masked_equal(depth[0].numpy(), 0), cmap="turbo")
+
+
+def principal_components(x, q):
+    """x [N, D] centred and projected on its first q principal axes (torch.pca_lowrank) -> [N, q]."""
+    x = x - x.mean(0)
+    _, _, V = torch.pca_lowrank(x, q=q, center=False)
+    return x @ V

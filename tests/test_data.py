@@ -11,10 +11,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import data
+import schema
 import synthetic
 from conftest import REAL_SAMPLES, ROOT, write_itop
 
-J = synthetic.JOINT_INDEX
+J = schema.JOINT_INDEX
 
 
 def write_jpg(path, h=120, w=160, seed=0):
@@ -269,7 +270,7 @@ def test_paired_flip_swaps_wrists_and_part_labels():
     out = t(s)
     torch.testing.assert_close(out["keypoints"][J["r_wrist"]],
                                torch.stack([63 - s["keypoints"][J["l_wrist"], 0], s["keypoints"][J["l_wrist"], 1]]))
-    lut = torch.tensor(synthetic.FLIP_PARTS)
+    lut = torch.tensor(schema.FLIP_PARTS)
     assert torch.equal(out["parts"], lut[s["parts"].flip(-1)])
     torch.testing.assert_close(data.denormalize_rgb(out["rgb"]), s["rgb"].flip(-1), atol=1e-5, rtol=0)
 
@@ -429,7 +430,7 @@ def ramp_batch(B=6, H=48, W=40):
                 depth=(xs + 1)[None, None].repeat(B, 1, 1, 1), mask=torch.ones(B, H, W, dtype=torch.bool),
                 keypoints=kp, keypoints_visible=torch.ones(B, 16, dtype=torch.bool),
                 intrinsics=torch.tensor([[50.0, 0, 20], [0, 50, 24], [0, 0, 1]]).repeat(B, 1, 1),
-                present={m: torch.ones(B, dtype=torch.bool) for m in data.MODALITIES}, index=torch.arange(B))
+                present={m: torch.ones(B, dtype=torch.bool) for m in schema.MODALITIES}, index=torch.arange(B))
 
 
 def read_at(images, points):
@@ -444,7 +445,7 @@ def source_slots(out):
     backwards, i.e. the image was flipped)."""
     x = data.denormalize_rgb(out["rgb"])[:, 0, 24]  # [B, W]: the source x along a row
     flipped = x[:, 25] < x[:, 15]
-    return torch.where(flipped[:, None], torch.tensor(synthetic.FLIP_JOINTS), torch.arange(16)), flipped
+    return torch.where(flipped[:, None], torch.tensor(schema.FLIP_JOINTS), torch.arange(16)), flipped
 
 
 def test_batch_augment_moves_keypoints_with_the_images():
@@ -472,7 +473,7 @@ def test_batch_augment_flip_is_exact_and_swaps_left_and_right():
     out = aug(batch, torch.Generator().manual_seed(0))
     torch.testing.assert_close(data.denormalize_rgb(out["rgb"]), batch["rgb"].flip(-1), atol=1e-5, rtol=0)
     assert torch.equal(out["depth"], batch["depth"].flip(-1))
-    l, r = synthetic.JOINT_INDEX["l_wrist"], synthetic.JOINT_INDEX["r_wrist"]
+    l, r = schema.JOINT_INDEX["l_wrist"], schema.JOINT_INDEX["r_wrist"]
     torch.testing.assert_close(out["keypoints"][:, r, 0], 39 - batch["keypoints"][:, l, 0])
     torch.testing.assert_close(out["intrinsics"][:, 0, 2], torch.full((6,), 39 - 20.0))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import encoders as E
-from synthetic import PARENTS
+from schema import PARENTS
 
 
 def test_hrnet_w18_matches_the_official_backbone():

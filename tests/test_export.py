@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import export
-import finetune
 import train
+import transfer
 from encoders import CheckpointError, HRNet
 from hcmoco import HCMoCo, HCMoCoConfig
 
@@ -44,7 +44,7 @@ def test_init_and_backbone_init_load_an_export_whole_and_refuse_another_configur
     out = tmp_path / "rgb_hrnet.pth"
     export.main([str(checkpoint), "--modality", "rgb", "--out", str(out)])
     # finetune.py --init: the file's own configuration, not the CPU preset's width 16
-    net, report = finetune.load_backbone(str(out), "rgb", HCMoCoConfig())
+    net, report = transfer.load_backbone(str(out), "rgb", HCMoCoConfig())
     assert report == {"missing": [], "unexpected": [], "mismatched": []} and net.out_channels[0] == 4
     # train.py --backbone-init with the printed flags: every tensor into both HRNets
     capsys.readouterr()

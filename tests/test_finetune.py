@@ -1,5 +1,6 @@
-"""finetune.py: metrics against hand-made cases, the label-ratio subset, checkpoint loading, every head trains,
-and cross-modal training never touches the target modality's labelled images."""
+"""finetune.py and what its runs share (transfer.py, probe.py, versatility.py): the label-ratio subset, checkpoint
+loading, every head trains, the probe tasks, cross-modal training never touches the target modality's labelled
+images; and experiments.py's grid, gains and command line."""
 import argparse
 import dataclasses
 import json
@@ -15,51 +16,22 @@ import data
 import experiments
 import finetune
 import hcmoco
+import metrics
+import probe
 import synthetic
 import train
+import transfer
+import versatility
 from conftest import BAD_CHECKPOINTS, ROOT, write_bad_checkpoint, write_itop
 
 TINY = ["--steps", "3", "--train-samples", "8", "--test-samples", "4", "--image-size", "40", "--batch-size", "4",
         "--workers", "0"]
 
 
-def test_parsing_metrics_from_a_hand_made_confusion_matrix():
-    label = torch.tensor([0, 0, 0, 1, 1, 2, 255])
-    pred = torch.tensor([0, 0, 1, 1, 2, 2, 0])
-    cm = finetune.confusion_matrix(pred, label, num_classes=3)
-    assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-    m = finetune.parsing_metrics(cm)
-    ious = [2 / 3, 1 / 3, 1 / 2]  # tp / (gt + pred - tp)
-    assert abs(m["miou"] - 100 * sum(ious) / 3) < 1e-9
-    assert abs(m["macc"] - 100 * (2 / 3 + 1 / 2 + 1) / 3) < 1e-9
-    assert abs(m["aacc"] - 100 * 4 / 6) < 1e-9
-
-
-def test_pose_metrics_on_hand_made_joints():
-    gt = torch.zeros(1, 4, 3)
-    pred = torch.tensor([[[0.05, 0, 0], [0, 0.099, 0], [0, 0, 0.2], [0.3, 0.4, 0]]])
-    m = finetune.pose_metrics(pred, gt)
-    assert m["acc10cm"] == 50.0
-    assert abs(m["mpjpe_cm"] - 100 * (0.05 + 0.099 + 0.2 + 0.5) / 4) < 1e-5
-
-
-def test_densepose_metrics():
-    iuv = torch.zeros(1, 3, 1, 4)
-    iuv[0, 0] = torch.tensor([0, 3, 3, 5])
-    iuv[0, 1:, 0, 1:] = 0.5
-    part_pred = torch.tensor([[[0, 3, 3, 4]]])
-    uv_pred = torch.full((1, 2, 1, 4), 0.5)
-    uv_pred[0, 0, 0, 2] = 0.9  # right part, uv off by 0.4
-    m = finetune.densepose_metrics(part_pred, uv_pred, iuv)
-    assert abs(m["part_acc"] - 200 / 3) < 1e-4 and abs(m["uv_acc"] - 100 / 3) < 1e-4
-    gps = (1 + torch.exp(torch.tensor(-0.16 / 0.02)).item()) / 3 * 100
-    assert abs(m["gps"] - gps) < 1e-3
-
-
 @pytest.mark.parametrize("ratio,expected", [(1.0, list(range(10))), (0.2, [0, 9]), (0.5, [0, 2, 4, 7, 9]),
                                             (0.01, [0])])
 def test_ratio_keeps_a_uniformly_spaced_subset(ratio, expected):
-    assert finetune.subset_indices(10, ratio) == expected
+    assert transfer.subset_indices(10, ratio) == expected
 
 
 @pytest.mark.parametrize("task", ["rgb-parsing", "depth-parsing", "depth-pose", "dense-pose"])
@@ -80,7 +52,8 @@ def test_each_head_trains_and_reports_its_metrics(task, tmp_path, capsys):
     assert all(abs(saved[k] - m[k]) < 1e-9 for k in keys if k != "iou")
     # the saved model reproduces the metrics
     model, cfg = finetune.load_finetuned(tmp_path)
-    again = finetune.evaluate(model, finetune.datasets(cfg)[1], cfg, torch.device("cpu"))
+    task = finetune.TASKS[cfg.task]
+    again = task.evaluate(model, task.datasets(cfg)[1], cfg, torch.device("cpu"))
     assert all(abs(again[k] - m[k]) < 1e-6 for k in keys if k != "iou")
 
 
@@ -111,7 +84,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
-    net, report = finetune.load_backbone(str(checkpoint), "depth", finetune.HCMoCoConfig())
+    net, report = transfer.load_backbone(str(checkpoint), "depth", hcmoco.HCMoCoConfig())
     state = torch.load(checkpoint, weights_only=True)["model"]
     torch.testing.assert_close(net.stage4[0].branches[3][0].conv1.weight,
                                state["encoders.depth.stage4.0.branches.3.0.conv1.weight"])
@@ -122,7 +95,7 @@ def test_loading_a_checkpoint_fills_the_backbone(checkpoint, capsys):
     partial.pop("conv1.weight")
     path = checkpoint.parent / "external.pth"
     torch.save(partial, path)
-    net, report = finetune.load_backbone(str(path), "rgb", finetune.HCMoCoConfig(width=4))
+    net, report = transfer.load_backbone(str(path), "rgb", hcmoco.HCMoCoConfig(width=4))
     assert report["missing"] == ["conv1.weight"]
 
 
@@ -132,10 +105,10 @@ def test_init_takes_a_fine_tuned_model_and_its_backbone_goes_on(checkpoint, tmp_
     first = tmp_path / "first"
     finetune.main(["--task", "depth-parsing", "--init", str(checkpoint), "--out", str(first), *TINY])
     tuned = torch.load(first / "model.pt", weights_only=True)["model"]
-    net, report = finetune.load_backbone(str(first / "model.pt"), "depth", finetune.scratch_config(finetune.Config()))
+    net, report = transfer.load_backbone(str(first / "model.pt"), "depth", transfer.scratch_config(finetune.Config()))
     assert net.out_channels[0] == 4 and report["missing"] == [] and report["unexpected"] == []
     # fine-tuning's BatchNorm momentum, as for a scratch backbone, not the HRNet's published default
-    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {finetune.SCRATCH_BN_MOMENTUM}
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {transfer.SCRATCH_MODEL.bn_momentum}
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, tuned[f"backbone.{k}"], msg=k)
     m = finetune.main(["--task", "rgb-parsing", "--init", str(first / "model.pt"), "--out", str(tmp_path / "again"),
@@ -225,14 +198,14 @@ def test_device_cuda_without_a_gpu_and_ctrl_c_are_one_line(tmp_path, capsys, mon
     def ctrl_c(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "fit", ctrl_c)
+    monkeypatch.setattr(transfer.Task, "fit", ctrl_c)
     with pytest.raises(SystemExit) as e:
         finetune.main(["--out", str(tmp_path / "out"), *TINY])
     assert e.value.code == 130 and not (tmp_path / "out" / "metrics.json").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: nothing of this run is saved")
     monkeypatch.setattr(experiments, "experiments", ctrl_c)
     with pytest.raises(SystemExit) as e:
-        finetune.main(["experiments", "--out", str(tmp_path / "exp")])
+        experiments.main(["--out", str(tmp_path / "exp")])
     assert e.value.code == 130 and "the same command continues where it stopped" in capsys.readouterr().err
 
 
@@ -286,7 +259,7 @@ def test_experiments_check_their_options(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiments, "run_jobs", None)  # nothing may start
     for args in (["--jobs", "0"], ["--out", str(tmp_path / "file")], ["--out", "/proc/hcmoco-out"]):
         with pytest.raises(SystemExit) as e:
-            finetune.main(["experiments", "--quick", "--out", str(tmp_path / "out"), *args])
+            experiments.main(["--quick", "--out", str(tmp_path / "out"), *args])
         assert e.value.code == 2 and f"error: {args[0]} " in capsys.readouterr().err
 
 
@@ -345,21 +318,21 @@ def test_the_cli_reports_a_corrupt_init_without_a_traceback(tmp_path):
 def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, monkeypatch, source, target):
     """Every labelled batch the head trains on carries no target images: present False and zero-filled by collate."""
     seen = []
-    forward = finetune.Versatile.forward
+    forward = versatility.Versatile.forward
 
     def spy(self, batch, modalities):
         if self.training:
             seen.append((batch["present"][target].any().item(), batch[target].abs().sum().item(), modalities))
         return forward(self, batch, modalities)
 
-    monkeypatch.setattr(finetune.Versatile, "forward", spy)
+    monkeypatch.setattr(versatility.Versatile, "forward", spy)
     m = finetune.main(["--task", "cross-modal", "--source", source, "--target", target, "--init", str(checkpoint),
                        "--out", str(tmp_path), *TINY])
     assert f"{target}_miou" in m and len(seen) == 3
     assert all(s == (False, 0.0, [source]) for s in seen)
     # without the LabelledView the labelled target images would reach the head: the check above can fail
     seen.clear()
-    monkeypatch.setattr(finetune, "LabelledView", lambda ds, keep: ds)
+    monkeypatch.setattr(versatility, "LabelledView", lambda ds, keep: ds)
     finetune.main(["--task", "cross-modal", "--source", source, "--target", target, "--init", str(checkpoint),
                    "--out", str(tmp_path / "m"), *TINY])
     assert all(s[0] and s[1] > 0 for s in seen)
@@ -367,13 +340,13 @@ def test_cross_modal_never_reads_target_labelled_images(checkpoint, tmp_path, mo
 
 def test_labelled_view_drops_other_modalities():
     s = synthetic.SyntheticHumans(1, 32)
-    view = finetune.LabelledView(s, keep=["depth"])[0]
+    view = versatility.LabelledView(s, keep=["depth"])[0]
     assert "rgb" not in view and not view["present"]["rgb"] and "depth" in view and "parts" in view
 
 
 def test_random_label_subsets_are_distinct_repeatable_and_of_the_right_size():
-    a, b = finetune.subset_indices(400, 0.05, 1), finetune.subset_indices(400, 0.05, 2)
-    assert len(a) == len(set(a)) == 20 and a == sorted(a) and a == finetune.subset_indices(400, 0.05, 1) and a != b
+    a, b = transfer.subset_indices(400, 0.05, 1), transfer.subset_indices(400, 0.05, 2)
+    assert len(a) == len(set(a)) == 20 and a == sorted(a) and a == transfer.subset_indices(400, 0.05, 1) and a != b
 
 
 def test_paired_gain_mean_interval_and_wins():
@@ -384,41 +357,28 @@ def test_paired_gain_mean_interval_and_wins():
     assert same["lo"] == same["hi"] == same["mean"] == 0.0 and same["wins"] == 0.0
 
 
-def test_probe_reads_what_the_features_linearly_hold():
-    """Features that hold the part label (one-hot plus noise) probe to a high mIoU; pure noise does not."""
-    torch.manual_seed(0)
-    y = torch.randint(0, finetune.NUM_CLASSES, (40, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [40, 32, 32]
-    small = y[:, ::4, ::4]
-    onehot = torch.nn.functional.one_hot(small, finetune.NUM_CLASSES).permute(0, 3, 1, 2).float()
-    informative = onehot * 3 + torch.randn(40, finetune.NUM_CLASSES, 8, 8)
-    noise = torch.randn(40, finetune.NUM_CLASSES, 8, 8)
-    good = finetune.probe_miou(finetune.fit_probe(informative[:30], y[:30], 0.1, 200, 0), informative[30:], y[30:])
-    bad = finetune.probe_miou(finetune.fit_probe(noise[:30], y[:30], 0.1, 200, 0), noise[30:], y[30:])
-    assert good["miou"] > 60 and bad["miou"] < 15
-
-
 def test_probe_task_and_its_pixel_control(tmp_path, capsys, monkeypatch):
     """Both probes sweep the learning rates and report like every run. The control probes what it stands for,
     each cell's pixel position and depth input (its mean over the cell's 4 x 4 pixels) and nothing of a backbone;
     the scratch probe reads the backbone's merged 1/4 map. (Their scores are not compared: at this size neither
     probe reliably beats the other.)"""
-    probed, real = {}, finetune.probe_inputs
+    probed, real = {}, probe.probe_inputs
 
     def spy(features, dataset, cfg, device):  # keeps each init's last (features [N, C, h, w], labels): the test set's
         probed[cfg.init] = real(features, dataset, cfg, device)
         return probed[cfg.init]
 
-    monkeypatch.setattr(finetune, "probe_inputs", spy)
+    monkeypatch.setattr(probe, "probe_inputs", spy)
     for init in ("scratch", "pixels"):
         m = finetune.main(["--task", "depth-probe", "--init", init, "--out", str(tmp_path / init), *TINY])
-        assert 0 <= m["miou"] <= 100 and float(m["lr"]) in finetune.PROBE_LRS and len(m["sweep"]) == len(finetune.PROBE_LRS)
+        assert 0 <= m["miou"] <= 100 and float(m["lr"]) in probe.PROBE_LRS and len(m["sweep"]) == len(probe.PROBE_LRS)
         out = capsys.readouterr().out.splitlines()
         assert [line.split(" ")[0] for line in out if line.startswith("[")] == ["[1/7]", "[2/7]", "[3/7]", "[4/7]",
                                                                               "[5/7]", "[6/7]", "[7/7]"]
         assert out[-1].startswith(f"depth-probe from {init}: mIoU {m['miou']:.2f} %") and "probe lr" in out[-1]
         assert out[-1].endswith(f"wrote {tmp_path / init / 'metrics.json'}")  # a probe saves no model
     cfg = finetune.parse_args(["--task", "depth-probe", "--init", "pixels", *TINY])
-    test_set = finetune.labelled_split(cfg)[1]
+    test_set = finetune.TASKS[cfg.task].labelled_split(cfg)[1]
     batch = data.collate([data.PairedTransform(cfg.image_size, train=False)(test_set[i]) for i in range(len(test_set))])
     n, size, cells = len(test_set), cfg.image_size, cfg.image_size // 4
     depth = hcmoco.depth_input(batch["depth"], batch["mask"][:, None])[:, 0]  # [n, H, W]
@@ -426,29 +386,10 @@ def test_probe_task_and_its_pixel_control(tmp_path, capsys, monkeypatch):
     want = torch.stack([centres.expand(n, cells, cells), centres[:, None].expand(n, cells, cells),
                         depth.view(n, cells, 4, cells, 4).mean((2, 4))], 1)  # [n, 3, h, w]: x, y, depth
     torch.testing.assert_close(probed["pixels"][0], want)
-    backbone = finetune.build_hrnet(finetune.scratch_config(cfg))
+    backbone = hcmoco.build_hrnet(transfer.scratch_config(cfg))
     assert probed["scratch"][0].shape == (n, sum(backbone.out_channels), cells, cells)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--task", "rgb-parsing", "--init", "pixels"])
-
-
-def test_image_counts_add_up_to_the_confusion_matrix_miou():
-    """Summed over any set of images, the per-image counts give that set's mIoU, as the confusion matrix does."""
-    g = torch.Generator().manual_seed(0)
-    label = torch.randint(0, 6, (12, 16, 16), generator=g)
-    label[0, :3] = 255
-    pred = torch.where(torch.rand(12, 16, 16, generator=g) < 0.6, label.clamp(max=5), torch.randint(0, 6, (12, 16, 16)))
-    counts = finetune.image_counts(pred, label)
-    assert counts.shape == (12, 3, finetune.NUM_CLASSES)
-    for images in (range(12), [0, 3, 3, 7]):
-        images = list(images)
-        want = finetune.segmentation_metrics(pred[images], label[images])["miou"]
-        assert abs(finetune.miou_of_counts(counts[images]).item() - want) < 1e-4
-
-
-def test_cell_labels_take_the_majority_of_the_labelled_pixels():
-    y = torch.tensor([[[1, 1, 2, 255], [1, 3, 2, 2], [255, 255, 4, 4], [255, 255, 4, 5]]])
-    assert finetune.cell_labels(y, (2, 2)).tolist() == [[[1, 2], [255, 4]]]
 
 
 def test_image_bootstrap_interval_of_a_miou_difference():
@@ -459,9 +400,9 @@ def test_image_bootstrap_interval_of_a_miou_difference():
     noise = torch.randint(0, 5, (40, 8, 8), generator=g)
     coin = torch.rand(40, 8, 8, generator=g)
     good, bad = torch.where(coin < 0.8, label, noise), torch.where(coin < 0.5, label, noise)
-    a, b = finetune.image_counts(good, label), finetune.image_counts(bad, label)
+    a, b = metrics.image_counts(good, label), metrics.image_counts(bad, label)
     d = experiments.image_bootstrap(a, b)
-    want = finetune.segmentation_metrics(good, label)["miou"] - finetune.segmentation_metrics(bad, label)["miou"]
+    want = metrics.segmentation_metrics(good, label)["miou"] - metrics.segmentation_metrics(bad, label)["miou"]
     assert abs(d["mean"] - want) < 1e-4 and 0 < d["lo"] < d["mean"] < d["hi"] and d["n"] == 40
     same = experiments.image_bootstrap(a, a)
     assert same["lo"] == same["hi"] == same["mean"] == 0.0

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import data
 import hcmoco
 import losses
+import schema
 import synthetic
 from conftest import dense_double_loop
 
@@ -70,7 +71,7 @@ def test_absent_rows_do_not_influence_anything():
 def test_global_term_counts_only_present_pairs():
     model = tiny(targets="global")
     batch = batch_of()
-    for m in hcmoco.MODALITIES:
+    for m in schema.MODALITIES:
         batch["present"][m][:] = False
     batch["present"]["rgb"][0] = True  # a lone modality has no pair to contrast
     loss, terms = model(batch)
@@ -115,7 +116,7 @@ def test_published_keypoint_graph_hangs_the_shoulders_from_the_neck_and_lets_inv
     """keypoint_graph='published' (networks/SGCN): shoulders connect to the upper neck, not the thorax, and an
     invisible joint is a joint with input 0 that passes messages like any other. So hiding a joint equals
     showing it at the pelvis (offset 0, the same input); under 'masked' hiding it also silences it."""
-    J = synthetic.JOINT_INDEX
+    J = schema.JOINT_INDEX
     batch = batch_of()
     batch["keypoints_visible"][:] = True
     shown = {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in batch.items()}

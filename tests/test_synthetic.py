@@ -7,6 +7,7 @@ import torch
 
 import data
 import synthetic as S
+from schema import FLIP_JOINTS, FLIP_PARTS, JOINT_INDEX, PART_NAMES
 
 SIZE = 64
 
@@ -66,7 +67,7 @@ def test_every_part_occurs_within_50_samples(samples):
     seen = torch.zeros(25, dtype=torch.bool)
     for s in samples:
         seen[s["parts"].unique()] = True
-    assert seen.all(), [S.PART_NAMES[i] for i in (~seen).nonzero().flatten()]
+    assert seen.all(), [PART_NAMES[i] for i in (~seen).nonzero().flatten()]
 
 
 def right_left_columns(parts):
@@ -82,17 +83,17 @@ def test_frontal_view_shows_right_parts_on_the_image_left():
     right, left = right_left_columns(torch.from_numpy(r["parts"]))
     assert right < left
     kp = r["keypoints"]
-    assert kp[S.JOINT_INDEX["r_shoulder"], 0] < kp[S.JOINT_INDEX["l_shoulder"], 0]
+    assert kp[JOINT_INDEX["r_shoulder"], 0] < kp[JOINT_INDEX["l_shoulder"], 0]
 
 
 def test_flip_swaps_joints_and_parts_consistently(samples):
     s = samples[5]
     f = data.flip_sample(s)
     W = SIZE
-    torch.testing.assert_close(f["keypoints"][S.JOINT_INDEX["r_wrist"], 0],
-                               W - 1 - s["keypoints"][S.JOINT_INDEX["l_wrist"], 0])
-    assert f["keypoints_visible"][S.JOINT_INDEX["r_wrist"]] == s["keypoints_visible"][S.JOINT_INDEX["l_wrist"]]
-    lut = torch.tensor(S.FLIP_PARTS)
+    torch.testing.assert_close(f["keypoints"][JOINT_INDEX["r_wrist"], 0],
+                               W - 1 - s["keypoints"][JOINT_INDEX["l_wrist"], 0])
+    assert f["keypoints_visible"][JOINT_INDEX["r_wrist"]] == s["keypoints_visible"][JOINT_INDEX["l_wrist"]]
+    lut = torch.tensor(FLIP_PARTS)
     assert (lut[s["parts"]] != s["parts"]).sum() > 50  # many left or right part pixels, whose labels must swap
     assert torch.equal(f["parts"], lut[s["parts"].flip(-1)])
     assert torch.equal(f["iuv"][0].long(), f["parts"])
@@ -112,7 +113,7 @@ def test_flip_swaps_joints_and_parts_consistently(samples):
     K, j3 = f["intrinsics"], f["joints3d"]
     proj = j3 @ K.T
     clean = S.render(S.sample_params(3, 5, "indoor"), SIZE)
-    exact = torch.from_numpy(clean["keypoints"]).float()[S.FLIP_JOINTS]
+    exact = torch.from_numpy(clean["keypoints"]).float()[FLIP_JOINTS]
     exact[:, 0] = W - 1 - exact[:, 0]
     torch.testing.assert_close(proj[:, :2] / proj[:, 2:], exact, atol=1e-3, rtol=1e-4)
 
@@ -172,6 +173,6 @@ def test_contact_sheet_has_a_depth_scale_in_metres_a_part_legend_and_says_no_dep
     assert [im.get_clim() for im in images] == [(measured.min().item(), measured.max().item())] * 2
     assert [ax.get_xlabel() for ax in fig.axes[12:]] == ["depth (m); white: no measurement"]  # the colour bar
     legend = fig.legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == [n.replace("_", " ") for n in S.PART_NAMES]
+    assert [t.get_text() for t in legend.get_texts()] == [n.replace("_", " ") for n in PART_NAMES]
     colours = [tuple(h.get_facecolor()[:3]) for h in legend.legend_handles]
     np.testing.assert_allclose(colours, S.PART_COLOURS, atol=1e-6)
