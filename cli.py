@@ -71,6 +71,11 @@ def positive(cfg, names):
     return [(getattr(cfg, n) > 0, f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}") for n in names]
 
 
+def non_negative(cfg, names):
+    """(ok, message) per option of `names`: its value in cfg is 0 or more."""
+    return [(getattr(cfg, n) >= 0, f"--{n.replace('_', '-')} must be 0 or more, got {getattr(cfg, n)}") for n in names]
+
+
 def image_size_check(size):
     """(ok, message) for --image-size: at least MIN_IMAGE_SIZE."""
     return (size >= MIN_IMAGE_SIZE,
@@ -125,6 +130,12 @@ def cosine_lr(base, step, total, warmup=0, floor=0.0):
     from base down to floor, min(1, (step + 1) / warmup) * (floor + (base - floor) (1 + cos(pi step / total)) / 2)."""
     cosine = 0.5 * (1 + math.cos(math.pi * step / total))
     return min(1.0, (step + 1) / max(warmup, 1)) * (floor + (base - floor) * cosine)
+
+
+def set_lr(optimizer, lr):
+    """Every parameter group of `optimizer` at learning rate `lr`, a schedule's value for the coming step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def save_atomic(obj, path):

@@ -305,9 +305,7 @@ def parse_args(argv=None):
          "--init pixels (the probe's control) only goes with --task rgb-probe / depth-probe"),
         (cfg.source != cfg.target, "--source and --target must be rgb and depth, one each"),
         *cli.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples")),
-        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more, got {cfg.weight_decay}"),
-        (cfg.subset >= 0, f"--subset must be 0 or more, got {cfg.subset}"),
-        (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
+        *cli.non_negative(cfg, ("weight_decay", "subset", "workers")),
         (not probe or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio {cfg.ratio} leaves {labelled} "
          "labelled image(s); the probe needs at least 2"),
         cli.image_size_check(cfg.image_size)])
@@ -561,8 +559,7 @@ def fit(model, labelled, cfg, device, loss_of):
     model.train()
     bar = tqdm(loader(labelled, cfg, True, cfg.steps), total=cfg.steps, desc=cfg.task, dynamic_ncols=True)
     for step, batch in enumerate(bar):
-        for group in optimizer.param_groups:
-            group["lr"] = cli.cosine_lr(cfg.lr, step, cfg.steps)
+        cli.set_lr(optimizer, cli.cosine_lr(cfg.lr, step, cfg.steps))
         loss = loss_of(data.to_device(batch, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -699,8 +696,7 @@ def fit_probe(x, y, lr, steps, seed, pixels=4096):
     weight = weight / weight[counts > 0].mean()
     optimizer = torch.optim.AdamW(probe.conv.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cli.cosine_lr(lr, step, steps)
+        cli.set_lr(optimizer, cli.cosine_lr(lr, step, steps))
         pick = torch.randint(len(feats), (pixels,), generator=g)
         logits = feats[pick] @ probe.conv.weight[:, :, 0, 0].T + probe.conv.bias  # the 1x1 conv on single cells
         loss = F.cross_entropy(logits, labels[pick], weight=weight)

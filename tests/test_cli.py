@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 
 import cli
 
@@ -53,6 +54,19 @@ def test_help_is_each_fields_comment_and_its_default():
         assert text == {"kind": "which kind; a '#' in a string below is no comment (default: a)",
                         "stage": "(default: 2)", "steps": "instead of epochs", "rate": f"100 % = 1 {rate}",
                         "cache": "keep it in memory (default: True)", "name": "(default: x # y)"}
+
+
+def test_checks_name_the_option_and_its_value():
+    assert cli.positive(Options(rate=0.0), ("rate",)) == [(False, "--rate must be positive, got 0.0")]
+    assert cli.non_negative(Options(rate=-1.0), ("rate",)) == [(False, "--rate must be 0 or more, got -1.0")]
+    assert cli.non_negative(Options(rate=0.0), ("rate",))[0][0]
+
+
+def test_set_lr_sets_every_parameter_group():
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.5}], lr=0.1)
+    cli.set_lr(optimizer, 0.02)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]
 
 
 def test_cosine_lr_warms_up_linearly_then_falls_to_zero():
