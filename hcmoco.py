@@ -142,6 +142,25 @@ def sample_at(maps, keypoints, image_size):
     return F.grid_sample(maps, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
 
 
+def person_cells(mask, depth, size):
+    """The cells of the (h, w) grid that hold some of the person's valid depth, nearest-downsampled: the cells the
+    dense term and the monitors draw from. mask [B, H, W] bool, depth [B, 1, H, W] -> [B, h*w] bool."""
+    person = (mask[:, None] & (depth > 0)).float()  # [B, 1, H, W]
+    return F.interpolate(person, size=size, mode="nearest").flatten(1) > 0
+
+
+def draw_cells(where, n, generator=None):
+    """n cells per row drawn uniformly with replacement among `where` [B, h*w] -> (keep [B] bool: the rows that
+    have a cell, idx [b, n] flat cell indices of those rows)."""
+    keep = where.any(1)
+    return keep, torch.multinomial(where[keep].float(), n, replacement=True, generator=generator)
+
+
+def at_cells(maps, idx):
+    """The maps' vectors at flat cell indices: maps [b, C, h, w], idx [b, N] -> [b, C, N]."""
+    return torch.gather(maps.flatten(2), 2, idx[:, None].expand(-1, maps.shape[1], -1))
+
+
 def scatter_rows(x, rows, n):
     """x [b, ...] computed on the batch's `rows` -> [n, ...] with zeros in the other rows."""
     return x.new_zeros(n, *x.shape[1:]).index_copy(0, rows, x)
@@ -285,11 +304,8 @@ class HCMoCo(nn.Module):
         """The dense term's sample: for each of the batch's `rows`, N = dense_points cells of the (h, w) grid drawn
         uniformly with replacement from the person (mask and valid depth, nearest-downsampled), as published; rows
         without a person cell are dropped. -> (rows [b], idx [b, N] flat cell indices)."""
-        h, w = size
-        person = batch["mask"][rows, None] & (batch["depth"][rows] > 0)  # [b, 1, H, W]
-        person = F.interpolate(person.float(), size=(h, w), mode="nearest").flatten(1)  # [b, h*w]
-        keep = person.sum(1) > 0
-        return rows[keep], torch.multinomial(person[keep], self.cfg.dense_points, replacement=True)
+        keep, idx = draw_cells(person_cells(batch["mask"][rows], batch["depth"][rows], size), self.cfg.dense_points)
+        return rows[keep], idx
 
     def dense_term(self, dense, batch):
         """Eq. 5 for the RGB-depth pair, bidirectional_dense_loss over the rows with both modalities, at the N
@@ -304,12 +320,11 @@ class HCMoCo(nn.Module):
         rows = (batch["present"]["rgb"] & batch["present"]["depth"]).nonzero().flatten()
         if len(rows) == 0:
             return none
-        _, D, h, w = dense["rgb"].shape
+        h, w = dense["rgb"].shape[-2:]
         rows, idx = self.dense_points(batch, rows, (h, w))  # [b], [b, N]
         if len(rows) == 0:
             return none
-        pick = lambda f: torch.gather(f[rows].flatten(2), 2, idx[:, None].expand(-1, D, -1)).transpose(1, 2)  # noqa: E731
-        f1, f2 = pick(dense["rgb"]), pick(dense["depth"])  # [b, N, D]
+        f1, f2 = (at_cells(dense[m][rows], idx).transpose(1, 2) for m in ("rgb", "depth"))  # [b, N, D]
         n = idx.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=idx.device)
         candidates = (idx[:, :, None] != idx[:, None, :]) | eye  # [b, N, N]
