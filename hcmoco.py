@@ -45,29 +45,36 @@ PUBLISHED_PARENTS = [JOINT_INDEX["upper_neck"] if j in (JOINT_INDEX["r_shoulder"
 
 @dataclass
 class HCMoCoConfig:
-    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # 'small' is HRNet.small
+    """The defaults are the published model's. The comment ending a field's line is its help as an option of
+    train.py (train.MODEL_OPTIONS)."""
+    # 'small' is HRNet.small
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # the HRNets: the small CPU one, or a published width
     width: int = 16  # of the small HRNet
     embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
     # 'masked': shoulders from the thorax, invisible joints send no messages (SemGCN's visibility mask);
     # 'published': PUBLISHED_PARENTS, and every joint sends, an invisible one from its input of 0
-    keypoint_graph: Literal["masked", "published"] = "masked"
-    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # PointNet2.small() with the small HRNet, else PointNet2()
+    keypoint_graph: Literal["masked", "published"] = "masked"  # the keypoint GCN's (HCMoCoConfig.keypoint_graph)
+    # PointNet2.small() with the small HRNet, else PointNet2()
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
     dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
     sparse: bool = True  # Eq. 6
-    lambda_global: float = 1.0  # Eq. 1, on terms that are sums as published (module docstring)
-    lambda_dense: float = 1.0
-    lambda_sparse: float = 1.0
-    tau: float = 0.07
-    init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
-    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics, as published
+    # Eq. 1's weights, on terms that are sums as published (module docstring)
+    lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
+    lambda_dense: float = 1.0  # Eq. 1's weight of the dense term
+    lambda_sparse: float = 1.0  # Eq. 1's weight of the sparse term
+    tau: float = 0.07  # the temperature of the contrastive terms
+    # std 0.001 (replaced by ImageNet weights) or He
+    init: Literal["official", "he"] = "official"  # the HRNets' init when there is no --backbone-init
+    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics (the eval-mode features)
     # the sample-level term: Eq. 2 against the memory bank (as published) or in-batch; or 'mmv', the MMV baseline's
     # fine-and-coarse objective (losses.fine_and_coarse_loss) in its place
-    global_loss: Literal["bank", "batch", "mmv"] = "bank"
-    num_negatives: int = 16384
-    momentum: float = 0.5
+    global_loss: Literal["bank", "batch", "mmv"] = "bank"  # Eq. 2's negatives: the bank or the batch; or MMV's NCE
+    num_negatives: int = 16384  # drawn from the memory bank
+    momentum: float = 0.5  # of the memory bank
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
-    dense_points: int = 400  # per image, as published: drawn with replacement from the person (mask, valid depth)
+    # drawn with replacement from the person (mask, valid depth): person_cells, draw_cells
+    dense_points: int = 400  # per image
     pointnet_points: int = 4096  # drawn per image, with replacement, from the person's depth pixels, as published
 
     def __post_init__(self):

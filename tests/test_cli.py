@@ -2,7 +2,7 @@
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
@@ -54,6 +54,31 @@ def test_help_is_each_fields_comment_and_its_default():
         assert text == {"kind": "which kind; a '#' in a string below is no comment (default: a)",
                         "stage": "(default: 2)", "steps": "instead of epochs", "rate": f"100 % = 1 {rate}",
                         "cache": "keep it in memory (default: True)", "name": "(default: x # y)"}
+
+
+@dataclass
+class Inner:
+    size: int = 3  # of the inner part
+    depth: int = 2  # not an option
+
+
+@dataclass
+class Outer:
+    name: str = "x"  # the outer's
+    inner: Inner = field(default_factory=lambda: Inner(size=5))  # the inner part
+
+
+def test_a_nested_dataclass_gives_the_named_fields_as_options_in_its_place():
+    """The fields of a nested config that `nested` names are options under their own names, where the field stands,
+    with their own comments and the outer default's values; the nested field itself is none."""
+    parser = argparse.ArgumentParser()
+    cli.add_options(parser, Outer, nested={"inner": ("size",)})
+    assert vars(parser.parse_args([])) == dict(name="x", size=5)
+    assert vars(parser.parse_args(["--size", "7"])) == dict(name="x", size=7)
+    assert {a.dest: a.help for a in parser._actions if a.dest != "help"} == {
+        "name": "the outer's (default: x)", "size": "of the inner part (default: 5)"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--depth", "1"])
 
 
 def test_checks_name_the_option_and_its_value():
