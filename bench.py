@@ -237,13 +237,13 @@ def preset_step(cfg, stage, bf16, channels_last=False):
 
     import data
     import synthetic
-    import train
-    from hcmoco import HCMoCo
+    from hcmoco import TARGETS, HCMoCo
     people = synthetic.SyntheticHumans(cfg.batch_size, cfg.image_size, seed=5, domain="indoor")
     raw = data.collate([{k: v for k, v in people[i].items() if k in data.PRETRAIN_KEYS} for i in range(len(people))])
     batch = data.to_device(data.BatchAugment()(raw, torch.Generator().manual_seed(0)), DEVICE)
     torch.manual_seed(0)
-    model = HCMoCo(train.model_config(cfg, stage, cfg.synthetic_samples)).to(DEVICE)
+    targets = TARGETS["global" if stage == 1 else cfg.targets]
+    model = HCMoCo(replace(cfg.model, **targets, bank_size=cfg.synthetic_samples)).to(DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
@@ -269,6 +269,7 @@ def bench_train():
 
     import cli
     import data
+    import harness
     import train
     preset = "paper" if DEVICE.type == "cuda" else "cpu"
     cfg = replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=4096,
@@ -302,11 +303,11 @@ def bench_train():
     augment = data.BatchAugment()
     t_aug = timeit(lambda: augment(raw, torch.Generator().manual_seed(0)), warmup=1, iters=5)
     t_step = timeit(step, warmup=1, iters=3)
-    from hcmoco import HCMoCo
-    model = HCMoCo(train.model_config(cfg, 2, 4096)).to(DEVICE)
+    from hcmoco import TARGETS, HCMoCo
+    model = HCMoCo(replace(cfg.model, **TARGETS[cfg.targets], bank_size=4096)).to(DEVICE)
     heldout = data.to_device(data.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
-    initial = train.conv_weights(model)
-    t_mon = timeit(lambda: train.monitors(model, heldout, initial), warmup=1, iters=2)
+    initial = harness.conv_weights(model)
+    t_mon = timeit(lambda: harness.monitors(model, heldout, initial), warmup=1, iters=2)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         state = dict(model=model.state_dict(), optimizer=torch.optim.AdamW(model.parameters()).state_dict())
@@ -326,10 +327,13 @@ def bench_run(folder):
     import json
     import math
 
+    import harness
     import train
+    from hcmoco import HCMoCoConfig
     with open(f"{folder}/config.json") as f:
-        cfg = replace(train.Config(**json.load(f)), device=DEVICE.type)
-    rows = train.read_log(folder)
+        saved = json.load(f)
+    cfg = train.Config(**saved | {"model": HCMoCoConfig(**saved["model"]), "device": DEVICE.type})
+    rows = harness.read_log(folder)
     total_flops, total_time = 0.0, 0.0
     for stage in (1, 2):
         last = [r for r in rows if r["stage"] == stage]

@@ -20,19 +20,28 @@ import torch
 MIN_IMAGE_SIZE = 33
 
 
-def add_options(parser, config, defaults=True, shown=None):
+def add_options(parser, config, defaults=True, shown=None, nested=None):
     """One --option per field of the dataclass `config` (underscores as dashes), of the field's type: a Literal's
     values are its choices, `T | None` reads a T, a bool is --x / --no-x. Its help is the `# comment` after the
     field in the dataclass's source, and its default: shown[name] when given (e.g. the presets' values), else the
     field's (None and "" are not shown). With defaults=False an option not given is absent from the parsed namespace, so
-    that a preset can fill it."""
+    that a preset can fill it. `nested` {field: names}: a field that holds a dataclass is no option itself; the
+    fields `names` of its dataclass are, in its place, with their comments, defaulting to its default's values."""
     comments = field_comments(config)
+    options = []  # (field, its default, its comment)
     for f in fields(config):
+        if f.name in (nested or {}):
+            inner = f.default_factory()
+            options += [(g, getattr(inner, g.name), field_comments(type(inner)).get(g.name, "")) for g in fields(inner)
+                        if g.name in nested[f.name]]
+        else:
+            options.append((f, f.default, comments.get(f.name, "")))
+    for f, field_default, comment in options:
         name = "--" + f.name.replace("_", "-")
         kind = f.type
         if isinstance(kind, types.UnionType):  # T | None
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default = f.default if defaults and f.default is not MISSING else argparse.SUPPRESS
+        default = field_default if defaults and field_default is not MISSING else argparse.SUPPRESS
         if kind is bool:
             action = parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
         elif typing.get_origin(kind) is typing.Literal:
@@ -40,10 +49,10 @@ def add_options(parser, config, defaults=True, shown=None):
             action = parser.add_argument(name, type=type(choices[0]), choices=choices, default=default)
         else:
             action = parser.add_argument(name, type=kind, default=default)
-        value = (shown or {}).get(f.name, f.default)
+        value = (shown or {}).get(f.name, field_default)
         default_text = "" if value in (None, "") or value is MISSING else f"(default: {value})"
         # set after add_argument: a BooleanOptionalAction would append a default of its own
-        action.help = " ".join(filter(None, (comments.get(f.name, ""), default_text))).replace("%", "%%")
+        action.help = " ".join(filter(None, (comment, default_text))).replace("%", "%%")
 
 
 def field_comments(config):
@@ -69,6 +78,11 @@ def check(parser, checks):
 def positive(cfg, names):
     """(ok, message) per option of `names`: its value in cfg is positive."""
     return [(getattr(cfg, n) > 0, f"--{n.replace('_', '-')} must be positive, got {getattr(cfg, n)}") for n in names]
+
+
+def non_negative(cfg, names):
+    """(ok, message) per option of `names`: its value in cfg is 0 or more."""
+    return [(getattr(cfg, n) >= 0, f"--{n.replace('_', '-')} must be 0 or more, got {getattr(cfg, n)}") for n in names]
 
 
 def image_size_check(size):
@@ -125,6 +139,12 @@ def cosine_lr(base, step, total, warmup=0, floor=0.0):
     from base down to floor, min(1, (step + 1) / warmup) * (floor + (base - floor) (1 + cos(pi step / total)) / 2)."""
     cosine = 0.5 * (1 + math.cos(math.pi * step / total))
     return min(1.0, (step + 1) / max(warmup, 1)) * (floor + (base - floor) * cosine)
+
+
+def set_lr(optimizer, lr):
+    """Every parameter group of `optimizer` at learning rate `lr`, a schedule's value for the coming step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def save_atomic(obj, path):

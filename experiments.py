@@ -35,6 +35,7 @@ import torch
 
 import cli
 import finetune
+import harness
 import train
 from encoders import CheckpointError
 from metrics import miou_of_counts
@@ -132,7 +133,7 @@ def grid(ckpts, quick):
     subsets, seeds = ((1,), (0,)) if quick else ((1, 2, 3), (0, 1))
     low = [dict(ratio=LOW, subset=s, seed=seed) for s in subsets for seed in seeds]
     inits = {"scratch": "scratch", **ckpts}
-    same_init = train.load_stage(ckpts["CMC"])["config"]["model"]["init"]
+    same_init = harness.load_stage(ckpts["CMC"])["config"]["model"]["init"]
     runs = {}
 
     def add(run, **config):

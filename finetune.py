@@ -247,9 +247,7 @@ def parse_args(argv=None):
          "--init pixels (the probe's control) only goes with --task rgb-probe / depth-probe"),
         (cfg.source != cfg.target, "--source and --target must be rgb and depth, one each"),
         *cli.positive(cfg, ("steps", "batch_size", "lr", "train_samples", "test_samples")),
-        (cfg.weight_decay >= 0, f"--weight-decay must be 0 or more, got {cfg.weight_decay}"),
-        (cfg.subset >= 0, f"--subset must be 0 or more, got {cfg.subset}"),
-        (cfg.workers >= 0, f"--workers must be 0 or more, got {cfg.workers}"),
+        *cli.non_negative(cfg, ("weight_decay", "subset", "workers")),
         (not probe or labelled >= 2, f"--train-samples {cfg.train_samples} at --ratio {cfg.ratio} leaves {labelled} "
          "labelled image(s); the probe needs at least 2"),
         cli.image_size_check(cfg.image_size)])

@@ -44,29 +44,36 @@ PUBLISHED_PARENTS = [JOINT_INDEX["upper_neck"] if j in (JOINT_INDEX["r_shoulder"
 
 @dataclass
 class HCMoCoConfig:
-    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # 'small' is HRNet.small
+    """The defaults are the published model's. The comment ending a field's line is its help as an option of
+    train.py (train.MODEL_OPTIONS)."""
+    # 'small' is HRNet.small
+    hrnet: Literal["small", "w18", "w32", "w48"] = "small"  # the HRNets: the small CPU one, or a published width
     width: int = 16  # of the small HRNet
     embed_dim: int = 128  # also the keypoint GCN's width: its joint features are the sparse embeddings, as published
     gcn_layers: int = 4
     # 'masked': shoulders from the thorax, invisible joints send no messages (SemGCN's visibility mask);
     # 'published': PUBLISHED_PARENTS, and every joint sends, an invisible one from its input of 0
-    keypoint_graph: Literal["masked", "published"] = "masked"
-    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # PointNet2.small() with the small HRNet, else PointNet2()
+    keypoint_graph: Literal["masked", "published"] = "masked"  # the keypoint GCN's (HCMoCoConfig.keypoint_graph)
+    # PointNet2.small() with the small HRNet, else PointNet2()
+    depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
     dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
     sparse: bool = True  # Eq. 6
-    lambda_global: float = 1.0  # Eq. 1, on terms that are sums as published (module docstring)
-    lambda_dense: float = 1.0
-    lambda_sparse: float = 1.0
-    tau: float = 0.07
-    init: Literal["official", "he"] = "official"  # of the HRNets: std 0.001 (replaced by ImageNet weights) or He
-    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics, as published
+    # Eq. 1's weights, on terms that are sums as published (module docstring)
+    lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
+    lambda_dense: float = 1.0  # Eq. 1's weight of the dense term
+    lambda_sparse: float = 1.0  # Eq. 1's weight of the sparse term
+    tau: float = 0.07  # the temperature of the contrastive terms
+    # std 0.001 (replaced by ImageNet weights) or He
+    init: Literal["official", "he"] = "official"  # the HRNets' init when there is no --backbone-init
+    bn_momentum: float = 0.01  # of the HRNets' BatchNorm running statistics (the eval-mode features)
     # the sample-level term: Eq. 2 against the memory bank (as published) or in-batch; or 'mmv', the MMV baseline's
     # fine-and-coarse objective (losses.fine_and_coarse_loss) in its place
-    global_loss: Literal["bank", "batch", "mmv"] = "bank"
-    num_negatives: int = 16384
-    momentum: float = 0.5
+    global_loss: Literal["bank", "batch", "mmv"] = "bank"  # Eq. 2's negatives: the bank or the batch; or MMV's NCE
+    num_negatives: int = 16384  # drawn from the memory bank
+    momentum: float = 0.5  # of the memory bank
     bank_size: int = 1024  # the number of pre-training samples (one bank entry each)
-    dense_points: int = 400  # per image, as published: drawn with replacement from the person (mask, valid depth)
+    # drawn with replacement from the person (mask, valid depth): person_cells, draw_cells
+    dense_points: int = 400  # per image
     pointnet_points: int = 4096  # drawn per image, with replacement, from the person's depth pixels, as published
 
     def __post_init__(self):
@@ -139,6 +146,25 @@ def sample_at(maps, keypoints, image_size):
     H, W = image_size
     grid = (keypoints + 0.5) / keypoints.new_tensor([W, H]) * 2 - 1  # [B, J, 2] for align_corners=False
     return F.grid_sample(maps, grid[:, :, None], align_corners=False)[..., 0].transpose(1, 2)
+
+
+def person_cells(mask, depth, size):
+    """The cells of the (h, w) grid that hold some of the person's valid depth, nearest-downsampled: the cells the
+    dense term and the monitors draw from. mask [B, H, W] bool, depth [B, 1, H, W] -> [B, h*w] bool."""
+    person = (mask[:, None] & (depth > 0)).float()  # [B, 1, H, W]
+    return F.interpolate(person, size=size, mode="nearest").flatten(1) > 0
+
+
+def draw_cells(where, n, generator=None):
+    """n cells per row drawn uniformly with replacement among `where` [B, h*w] -> (keep [B] bool: the rows that
+    have a cell, idx [b, n] flat cell indices of those rows)."""
+    keep = where.any(1)
+    return keep, torch.multinomial(where[keep].float(), n, replacement=True, generator=generator)
+
+
+def at_cells(maps, idx):
+    """The maps' vectors at flat cell indices: maps [b, C, h, w], idx [b, N] -> [b, C, N]."""
+    return torch.gather(maps.flatten(2), 2, idx[:, None].expand(-1, maps.shape[1], -1))
 
 
 def scatter_rows(x, rows, n):
@@ -284,11 +310,8 @@ class HCMoCo(nn.Module):
         """The dense term's sample: for each of the batch's `rows`, N = dense_points cells of the (h, w) grid drawn
         uniformly with replacement from the person (mask and valid depth, nearest-downsampled), as published; rows
         without a person cell are dropped. -> (rows [b], idx [b, N] flat cell indices)."""
-        h, w = size
-        person = batch["mask"][rows, None] & (batch["depth"][rows] > 0)  # [b, 1, H, W]
-        person = F.interpolate(person.float(), size=(h, w), mode="nearest").flatten(1)  # [b, h*w]
-        keep = person.sum(1) > 0
-        return rows[keep], torch.multinomial(person[keep], self.cfg.dense_points, replacement=True)
+        keep, idx = draw_cells(person_cells(batch["mask"][rows], batch["depth"][rows], size), self.cfg.dense_points)
+        return rows[keep], idx
 
     def dense_term(self, dense, batch):
         """Eq. 5 for the RGB-depth pair, bidirectional_dense_loss over the rows with both modalities, at the N
@@ -303,12 +326,11 @@ class HCMoCo(nn.Module):
         rows = (batch["present"]["rgb"] & batch["present"]["depth"]).nonzero().flatten()
         if len(rows) == 0:
             return none
-        _, D, h, w = dense["rgb"].shape
+        h, w = dense["rgb"].shape[-2:]
         rows, idx = self.dense_points(batch, rows, (h, w))  # [b], [b, N]
         if len(rows) == 0:
             return none
-        pick = lambda f: torch.gather(f[rows].flatten(2), 2, idx[:, None].expand(-1, D, -1)).transpose(1, 2)  # noqa: E731
-        f1, f2 = pick(dense["rgb"]), pick(dense["depth"])  # [b, N, D]
+        f1, f2 = (at_cells(dense[m][rows], idx).transpose(1, 2) for m in ("rgb", "depth"))  # [b, N, D]
         n = idx.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=idx.device)
         candidates = (idx[:, :, None] != idx[:, None, :]) | eye  # [b, N, N]

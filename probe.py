@@ -73,8 +73,7 @@ def fit_probe(x, y, lr, steps, seed, pixels=4096):
     weight = weight / weight[counts > 0].mean()
     optimizer = torch.optim.AdamW(probe.conv.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cli.cosine_lr(lr, step, steps)
+        cli.set_lr(optimizer, cli.cosine_lr(lr, step, steps))
         pick = torch.randint(len(feats), (pixels,), generator=g)
         logits = feats[pick] @ probe.conv.weight[:, :, 0, 0].T + probe.conv.bias  # the 1x1 conv on single cells
         loss = F.cross_entropy(logits, labels[pick], weight=weight)

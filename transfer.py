@@ -150,8 +150,7 @@ class Task(NamedTuple):
         batches = loader(labelled, cfg, True, cfg.steps, self.camera_frame)
         bar = tqdm(batches, total=cfg.steps, desc=cfg.task, dynamic_ncols=True)
         for step, batch in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = cli.cosine_lr(cfg.lr, step, cfg.steps)
+            cli.set_lr(optimizer, cli.cosine_lr(cfg.lr, step, cfg.steps))
             loss = loss_of(data.to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -2,10 +2,11 @@
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import torch
 
 import cli
 
@@ -53,6 +54,44 @@ def test_help_is_each_fields_comment_and_its_default():
         assert text == {"kind": "which kind; a '#' in a string below is no comment (default: a)",
                         "stage": "(default: 2)", "steps": "instead of epochs", "rate": f"100 % = 1 {rate}",
                         "cache": "keep it in memory (default: True)", "name": "(default: x # y)"}
+
+
+@dataclass
+class Inner:
+    size: int = 3  # of the inner part
+    depth: int = 2  # not an option
+
+
+@dataclass
+class Outer:
+    name: str = "x"  # the outer's
+    inner: Inner = field(default_factory=lambda: Inner(size=5))  # the inner part
+
+
+def test_a_nested_dataclass_gives_the_named_fields_as_options_in_its_place():
+    """The fields of a nested config that `nested` names are options under their own names, where the field stands,
+    with their own comments and the outer default's values; the nested field itself is none."""
+    parser = argparse.ArgumentParser()
+    cli.add_options(parser, Outer, nested={"inner": ("size",)})
+    assert vars(parser.parse_args([])) == dict(name="x", size=5)
+    assert vars(parser.parse_args(["--size", "7"])) == dict(name="x", size=7)
+    assert {a.dest: a.help for a in parser._actions if a.dest != "help"} == {
+        "name": "the outer's (default: x)", "size": "of the inner part (default: 5)"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--depth", "1"])
+
+
+def test_checks_name_the_option_and_its_value():
+    assert cli.positive(Options(rate=0.0), ("rate",)) == [(False, "--rate must be positive, got 0.0")]
+    assert cli.non_negative(Options(rate=-1.0), ("rate",)) == [(False, "--rate must be 0 or more, got -1.0")]
+    assert cli.non_negative(Options(rate=0.0), ("rate",))[0][0]
+
+
+def test_set_lr_sets_every_parameter_group():
+    a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.5}], lr=0.1)
+    cli.set_lr(optimizer, 0.02)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.02, 0.02]
 
 
 def test_cosine_lr_warms_up_linearly_then_falls_to_zero():

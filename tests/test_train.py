@@ -16,6 +16,7 @@ import torch
 
 import data
 import finetune
+import harness
 import hcmoco
 import synthetic
 import train
@@ -40,6 +41,7 @@ def test_help_lists_the_options_with_their_meaning_and_defaults():
                    "--resume", "--device", "--seed", "--workers"):
         assert option in out, option
     assert set(train.cli.field_comments(train.Config)) == {f.name for f in dataclasses.fields(train.Config)}
+    assert set(train.MODEL_OPTIONS) <= set(train.cli.field_comments(hcmoco.HCMoCoConfig))
     words = " ".join(out.split())
     for line in ("--lr LR the peak learning rate of each stage, on a cosine to 0 (default: 0.003, paper preset 0.03)",
                  "--preset {auto,cpu,paper} the other options' defaults; auto: paper on a GPU, else cpu (default: auto)",
@@ -156,7 +158,7 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     for stage in (1, 2):
         ckpt = torch.load(b / f"stage{stage}.pt", weights_only=True)
         assert ckpt["done"] and ckpt["config"]["train"]["lr"] == 0.1
-    assert config(b)["lr"] == 0.1 and config(b)["dense_points"] == 48
+    assert config(b)["lr"] == 0.1 and config(b)["model"]["dense_points"] == 48
     # a stage 1 trained again outdates the stage 2 beside it, even when this run stops at stage 1
     with pytest.raises(SystemExit, match="stage1.pt was trained with other options \\(--lr 0.1 -> 0.003\\)"):
         run(b, "--stage", "1", "--steps", "2")
@@ -209,7 +211,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(tmp_path, mo
 def test_a_torn_log_line_is_dropped_with_a_warning(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 0, "loss": 5.0}\n\n{"stage": 1, "step": 1, "lo')
     with pytest.warns(UserWarning, match="log.jsonl, line 3: not a whole JSON row"):
-        assert train.read_log(str(tmp_path)) == [{"stage": 1, "step": 0, "loss": 5.0}]
+        assert harness.read_log(str(tmp_path)) == [{"stage": 1, "step": 0, "loss": 5.0}]
 
 
 @pytest.mark.slow
@@ -363,7 +365,7 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     matplotlib.use("svg")
     try:
         (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 0, "loss": 5.0, "global": 5.0}\n')
-        train.plot_log(str(tmp_path))
+        harness.plot_log(str(tmp_path))
         synthetic.contact_sheet(synthetic.SyntheticHumans(2, 48), 2, str(tmp_path / "sheet.png"))
         assert matplotlib.get_backend() == "svg"
         assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sheet.png").stat().st_size > 1000
@@ -382,7 +384,7 @@ def test_loss_plot_labels_its_axes_and_the_stage_boundary_and_has_no_empty_panel
             {"stage": 2, "step": 0, "loss": 9.0, "global": 4.0, "dense": 3.0, "sparse": 2.0, **monitors},
             {"stage": 2, "step": 1, **monitors, "retrieval": 0.5}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = train.plot_log(str(tmp_path))
+    fig = harness.plot_log(str(tmp_path))
     assert len(fig.axes) == 9 and (tmp_path / "loss.png").stat().st_size > 1000
     for ax in fig.axes:
         assert ax.get_lines() and ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
@@ -397,17 +399,17 @@ def test_loss_plot_labels_its_axes_and_the_stage_boundary_and_has_no_empty_panel
     assert by_title["total loss (Eq. 1)"].get_ylabel() == "nats"
     # stage 1 alone: no boundary, and no panels for the terms it does not train
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    fig = train.plot_log(str(tmp_path))
+    fig = harness.plot_log(str(tmp_path))
     assert len(fig.axes) == 7 and all(ax.get_lines() and ax.get_xlabel() == "training step" for ax in fig.axes)
 
 
 def test_paper_preset_has_the_published_resolution_and_augmentation():
     cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--synthetic-samples", "8"])
-    assert (cfg.image_size, cfg.hrnet, cfg.batch_size, cfg.dense_points) == (320, "w18", 224, 400)
-    assert train.model_config(cfg, 2, 8).keypoint_graph == "published"
-    assert train.model_config(train.PRESETS["cpu"], 2, 8).keypoint_graph == "masked"
+    assert (cfg.image_size, cfg.model.hrnet, cfg.batch_size, cfg.model.dense_points) == (320, "w18", 224, 400)
+    assert cfg.model.keypoint_graph == "published"
+    assert train.PRESETS["cpu"].model.keypoint_graph == "masked"
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
-    assert cfg.lambda_sparse == 1.0 and cfg.augment == "published"
+    assert cfg.model.lambda_sparse == 1.0 and cfg.augment == "published"
     # the CPU preset augments whole batches in the training loop (data.BatchAugment): its items come untransformed
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert cpu.augment == "batch" and not any(isinstance(p, data.Transformed) for p in train.build_dataset(cpu).datasets)
@@ -427,9 +429,14 @@ def test_pretraining_on_the_real_mpii_samples(tmp_path, source):
     assert json.loads((tmp_path / "config.json").read_text())["mpii_split"] == "valid"
 
 
-def test_the_mmv_baseline_is_a_sample_level_loss_of_both_stages():
+def test_the_mmv_baseline_is_a_sample_level_loss_of_both_stages(monkeypatch):
     cfg = train.parse_args(["--global-loss", "mmv", "--device", "cpu"])
-    assert train.model_config(cfg, 1, 8).global_loss == train.model_config(cfg, 2, 8).global_loss == "mmv"
+    built = []  # the model config of each stage, as train.build_model gives it to HCMoCo
+    monkeypatch.setattr(train, "HCMoCo", lambda model_cfg: built.append(model_cfg) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(harness, "load_stage", lambda *a: {"model": torch.nn.Linear(1, 1).state_dict()})
+    for stage in (1, 2):
+        train.build_model(cfg, stage, 8, torch.device("cpu"), print)
+    assert built[0].global_loss == built[1].global_loss == "mmv"
 
 
 def test_batchnorm_momentum_is_the_published_one_but_in_the_cpu_preset():
@@ -438,8 +445,8 @@ def test_batchnorm_momentum_is_the_published_one_but_in_the_cpu_preset():
     def momenta(cfg):
         return {m.momentum for m in hcmoco.build_hrnet(replace(cfg, hrnet="small", width=4)).modules()
                 if isinstance(m, torch.nn.BatchNorm2d)}
-    assert momenta(train.model_config(train.PRESETS["paper"], 1, 8)) == {0.01}
-    assert momenta(train.model_config(train.PRESETS["cpu"], 1, 8)) == {0.1}
+    assert momenta(train.PRESETS["paper"].model) == {0.01}
+    assert momenta(train.PRESETS["cpu"].model) == {0.1}
     assert hcmoco.HCMoCoConfig().bn_momentum == 0.01 and hcmoco.HCMoCoConfig.from_dict({}).bn_momentum == 0.1
     assert momenta(finetune.scratch_config(finetune.Config())) == {0.1}
 
@@ -551,12 +558,12 @@ def test_monitors_tell_content_from_position():
     g = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
     position = torch.nn.functional.normalize(torch.randn(D, h, w), dim=0).expand(B, D, h, w)  # the same in everyone
     content = torch.nn.functional.normalize(torch.randn(B, D, h, w), dim=1)  # shared by both modalities of a person
-    pos = train.monitors(CodeModel(g, g, position, position), batch, {})
+    pos = harness.monitors(CodeModel(g, g, position, position), batch, {})
     assert pos["retrieval"] == 1.0 and pos["dense_acc"] == 1.0 and pos["dense_acc_other"] == 1.0
     assert abs(pos["cos_rgb"] - float((g @ g.T).sum() - B) / (B * (B - 1))) < 1e-4
-    con = train.monitors(CodeModel(g, g.roll(1, 0), content, content), batch, {})
+    con = harness.monitors(CodeModel(g, g.roll(1, 0), content, content), batch, {})
     assert con["retrieval"] == 0.0 and con["dense_acc"] == 1.0 and con["dense_acc_other"] < 0.2
-    collapsed = train.monitors(CodeModel(g[:1].expand(B, D), g, content, content), batch, {})
+    collapsed = harness.monitors(CodeModel(g[:1].expand(B, D), g, content, content), batch, {})
     assert collapsed["cos_rgb"] > 0.999
 
 
@@ -570,8 +577,8 @@ def test_the_moved_view_tells_a_body_code_from_a_position_code():
              "present": {m: torch.ones(B, dtype=torch.bool) for m in hcmoco.MODALITIES}}
     table = torch.nn.functional.normalize(torch.randn(H * H + 1, D), dim=-1)
     g = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
-    content = train.monitors(PixelCodeModel(g, table, "content"), batch, {})
-    position = train.monitors(PixelCodeModel(g, table, "position"), batch, {})
+    content = harness.monitors(PixelCodeModel(g, table, "content"), batch, {})
+    position = harness.monitors(PixelCodeModel(g, table, "position"), batch, {})
     assert content["dense_acc"] == position["dense_acc"] == 1.0
     assert content["dense_acc_moved"] > 0.8 and position["dense_acc_moved"] < 0.3
 
