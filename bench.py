@@ -2,7 +2,7 @@
 
     python bench.py                  # every section
     python bench.py losses encoders  # chosen sections: losses, encoders, synthetic, train
-    python bench.py --run runs/hcmoco  # the FLOP throughput of a finished pre-training run
+    python bench.py --run runs/hcmoco  # a finished pre-training run: its FLOP throughput, retrieval over time
 
 Timings are wall-clock medians; CUDA runs synchronise before reading the clock. Peak memory is the device's
 peak allocation on CUDA and, on CPU (Linux), the rise of a fresh process's peak resident memory during one
@@ -10,6 +10,7 @@ forward + backward of the case.
 Speed goals live here, never as timed assertions in the tests.
 """
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -323,16 +324,22 @@ def bench_train():
 
 def bench_run(folder):
     """The whole-run FLOP throughput of a finished train.py run: every step's FLOPs (counted on its config, per
-    stage) over the run's wall time from its log (the time column of each stage's last row)."""
-    import json
+    stage) over the run's wall time from its log (the time column of each stage's last row). The config comes from
+    the last stage file: its train options beside the model config the stage built, which a run written before the
+    model became one field of train.Config also records."""
     import math
+    from dataclasses import fields
 
     import harness
     import train
     from hcmoco import HCMoCoConfig
-    with open(f"{folder}/config.json") as f:
-        saved = json.load(f)
-    cfg = train.Config(**saved | {"model": HCMoCoConfig(**saved["model"]), "device": DEVICE.type})
+    last = next((p for p in (harness.stage_path(folder, s) for s in (2, 1)) if os.path.exists(p)), None)
+    if last is None:
+        raise SystemExit(f"error: --run: no stage1.pt or stage2.pt in {folder}")
+    saved = harness.load_stage(last)["config"]
+    options = {f.name for f in fields(train.Config)} - {"model", "device"}
+    cfg = train.Config(**{k: v for k, v in saved["train"].items() if k in options},
+                       model=HCMoCoConfig.from_dict(saved["model"]), device=DEVICE.type)
     rows = harness.read_log(folder)
     total_flops, total_time = 0.0, 0.0
     for stage in (1, 2):
@@ -345,6 +352,12 @@ def bench_run(folder):
         total_time += last[-1]["time"]
     print(f"{folder}: {total_flops / 1e12:.1f} TFLOP in {total_time:.0f} s of training: "
           f"{total_flops / total_time / 1e9:.0f} GFLOP/s")
+    # minutes to a model that retrieves across modalities: the monitors' held-out retrieval against the training
+    # time so far (a stage's log times start at its own first step; stage 2 follows stage 1's last row)
+    offset = {2: max((r["time"] for r in rows if r["stage"] == 1), default=0.0), 1: 0.0}
+    seen = [r for r in rows if "retrieval" in r]
+    table([[r["stage"], r["step"], f"{(offset[r['stage']] + r['time']) / 60:.1f}", f"{100 * r['retrieval']:.1f}"]
+           for r in seen], ["stage", "step", "minutes of training", "held-out RGB -> depth top-1 (%)"])
 
 
 SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}
@@ -364,7 +377,8 @@ def print_peak_rss(variant, term):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all)")
-    parser.add_argument("--run", metavar="FOLDER", help="also the whole-run FLOP throughput of a finished train.py run")
+    parser.add_argument("--run", metavar="FOLDER",
+                        help="also a finished train.py run: its FLOP throughput and held-out retrieval over time")
     parser.add_argument("--peak", nargs=2, metavar=("VARIANT", "TERM"),
                         help="only print the peak resident memory (MB) of one forward + backward of a loss case, "
                              "VARIANT ours or published, TERM global, dense or sparse: how the losses section "
