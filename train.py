@@ -11,8 +11,8 @@ Every option has its preset's value unless given (Config, PRESETS); the resolved
 Outputs in --out: config.json (that config), stage1.pt, stage2.pt (model with its memory bank, optimiser, step, RNG
 state, config; written atomically), log.jsonl (one row per logged step) and loss.png. A finished stage file in
 --out is reused when the options that shape it are the same (stage 2's own options do not shape stage1.pt; those
-that only manage the run, RUN_OPTIONS, shape neither); a stage file made with other options stops the run, naming
-them, unless --overwrite discards it. --resume continues a killed run (Ctrl-C prints the command).
+that only manage the run, harness.RUN_OPTIONS, shape neither); a stage file made with other options stops the run,
+naming them, unless --overwrite discards it. --resume continues a killed run (Ctrl-C prints the command).
 """
 import argparse
 import math
