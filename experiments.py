@@ -113,7 +113,8 @@ def pretraining(opts, quick):
         jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
         ckpts[name] = os.path.join(out, "stage2.pt")
     # MMV is a sample-level method like CMC: one stage, as long as CMC's stage 1
-    jobs.append(("train", replace(base, stage=1, global_loss="mmv", out=os.path.join(pre, "mmv"))))
+    mmv = replace(base.model, global_loss="mmv")
+    jobs.append(("train", replace(base, stage=1, model=mmv, out=os.path.join(pre, "mmv"))))
     ckpts["MMV"] = os.path.join(pre, "mmv", "stage1.pt")
     for seed in NOISE_SEEDS:
         out = os.path.join(pre, f"full-seed{seed}")

@@ -271,6 +271,23 @@ def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
                                                     "[2/2] finetune b"]
 
 
+def test_the_mmv_arm_pretrains_cmcs_stage_1_with_mmvs_objective(tmp_path, monkeypatch):
+    """The MMV baseline is pre-trained as CMC is, stage 1 alone with the same options, but for the sample-level
+    objective (MMV's in Eq. 2's place) and its folder; its stage file is the MMV arm's init."""
+    jobs = []
+    monkeypatch.setattr(experiments, "run_jobs", lambda batch, n, what: jobs.extend(batch))
+    first = tmp_path / "pretrain" / "full"
+    first.mkdir(parents=True)
+    (first / "stage1.pt").write_bytes(b"")  # copied into the other rows' folders, never read here
+    ckpts = experiments.pretraining(experiments.Options(out=str(tmp_path), quick=True), quick=True)
+    configs = [cfg for kind, cfg in jobs if kind == "train"]
+    cmc = next(c for c in configs if c.stage == 1)
+    mmv = [c for c in configs if c.model.global_loss == "mmv"]
+    assert len(mmv) == 1 and cmc.model.global_loss == "batch"
+    assert dataclasses.replace(mmv[0], model=cmc.model, out=cmc.out) == cmc
+    assert ckpts["MMV"] == os.path.join(mmv[0].out, "stage1.pt") != ckpts["CMC"]
+
+
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
     """Every arm of a comparison runs on the same label subsets and seeds (its gains are paired); each run has a
     folder of its own; the published versatility protocol starts every arm from the CMC checkpoint, the arms
