@@ -197,8 +197,7 @@ def ranks(cfg):
 def for_device(model, cfg, device, rank, world):
     """(model, net): the model in the device's memory layout with its encoders compiled when asked; net wraps it
     in DDP when there are several ranks."""
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         for encoder in model.encoders.values():
             encoder.compile()

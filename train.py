@@ -240,8 +240,7 @@ def run_stage(cfg, stage, dataset, device, rank=0, world=1, log=print):
                 seed = (cfg.seed + STAGE_SEED * stage) * 1_000_003 + step  # the step's draws, whatever the ranks
                 batch = augment(batch, torch.Generator().manual_seed(seed), rank * len(batch["index"]), cfg.batch_size)
             batch = data.to_device(batch, device)
-            if device.type == "cuda":
-                batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
+            batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, terms = net(batch, gather=harness.gather_all if world > 1 else None)
             if not torch.isfinite(loss):
