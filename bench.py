@@ -295,7 +295,7 @@ def bench_train():
     # where a step of the default run goes: the parts timed on their own, the monitors and the checkpoint once per
     # eval_every / save_every steps
     bf16 = cli.use_bf16(cfg.precision, DEVICE.type)
-    step, flops = preset_step(cfg, 2, bf16)
+    step, flops = preset_step(cfg, 2, bf16, channels_last=True)  # the layout train.py uses
     dataset = train.build_dataset(replace(cfg, synthetic_samples=cfg.batch_size * 4, workers=0))
     loader = train.batches(cfg, dataset, 2, 0, 4, 0, 1, DEVICE)
     t0 = clock.perf_counter()
