@@ -238,13 +238,13 @@ def preset_step(cfg, stage, bf16, channels_last=False):
 
     import data
     import synthetic
-    from hcmoco import TARGETS, HCMoCo
+    import train
+    from hcmoco import HCMoCo
     people = synthetic.SyntheticHumans(cfg.batch_size, cfg.image_size, seed=5, domain="indoor")
     raw = data.collate([{k: v for k, v in people[i].items() if k in data.PRETRAIN_KEYS} for i in range(len(people))])
     batch = data.to_device(data.BatchAugment()(raw, torch.Generator().manual_seed(0)), DEVICE)
     torch.manual_seed(0)
-    targets = TARGETS["global" if stage == 1 else cfg.targets]
-    model = HCMoCo(replace(cfg.model, **targets, bank_size=cfg.synthetic_samples)).to(DEVICE)
+    model = HCMoCo(train.stage_model(cfg, stage, cfg.synthetic_samples)).to(DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
@@ -304,8 +304,8 @@ def bench_train():
     augment = data.BatchAugment()
     t_aug = timeit(lambda: augment(raw, torch.Generator().manual_seed(0)), warmup=1, iters=5)
     t_step = timeit(step, warmup=1, iters=3)
-    from hcmoco import TARGETS, HCMoCo
-    model = HCMoCo(replace(cfg.model, **TARGETS[cfg.targets], bank_size=4096)).to(DEVICE)
+    from hcmoco import HCMoCo
+    model = HCMoCo(train.stage_model(cfg, 2, 4096)).to(DEVICE)
     heldout = data.to_device(data.heldout_batch(cfg.image_size, cfg.heldout), DEVICE)
     initial = harness.conv_weights(model)
     t_mon = timeit(lambda: harness.monitors(model, heldout, initial), warmup=1, iters=2)
@@ -327,7 +327,6 @@ def bench_run(folder):
     stage) over the run's wall time from its log (the time column of each stage's last row). The config comes from
     the last stage file: its train options beside the model config the stage built, which a run written before the
     model became one field of train.Config also records."""
-    import math
     from dataclasses import fields
 
     import harness
@@ -346,7 +345,7 @@ def bench_run(folder):
         last = [r for r in rows if r["stage"] == stage]
         if not last:
             continue
-        steps = cfg.steps or cfg.epochs * math.ceil(cfg.synthetic_samples / cfg.batch_size)
+        steps = train.stage_steps(cfg, cfg.synthetic_samples)
         _, flops = preset_step(cfg, stage, False)
         total_flops += steps * flops
         total_time += last[-1]["time"]

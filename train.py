@@ -170,13 +170,17 @@ def batches(cfg, dataset, stage, start, total, rank, world, device):
 
 
 # -------------------------------------------------------------------------------------------------------- training
+def stage_model(cfg, stage, bank_size):
+    """The HCMoCoConfig that stage `stage` trains: cfg.model with the stage's Table 3 row (Eq. 1's dense and sparse
+    switches: 'global' in stage 1, cfg.targets in stage 2) and one memory-bank entry per pre-training sample."""
+    return replace(cfg.model, **TARGETS["global" if stage == 1 else cfg.targets], bank_size=bank_size)
+
+
 def build_model(cfg, stage, bank_size, device, log):
-    """The stage's model and optimiser: stage 1 trains the sample-level term alone, stage 2 the Table 3 row
-    cfg.targets, with one memory-bank entry per pre-training sample. Stage 2 starts from stage 1's finished weights
+    """The stage's model (stage_model) and optimiser. Stage 2 starts from stage 1's finished weights
     (encoders, mappers, memory bank); stage 1 from --backbone-init when given (both HRNets from the same weights,
     as the published scripts)."""
-    targets = TARGETS["global" if stage == 1 else cfg.targets]  # Eq. 1's dense and sparse switches
-    model = HCMoCo(replace(cfg.model, **targets, bank_size=bank_size)).to(device)
+    model = HCMoCo(stage_model(cfg, stage, bank_size)).to(device)
     if stage == 2:
         model.load_state_dict(harness.load_stage(harness.stage_path(cfg.out, 1), device)["model"])
     elif cfg.backbone_init:
