@@ -83,12 +83,60 @@ def bidirectional_dense_loss(f1, f2, weights, tau=0.07, candidates=None):
     serves both directions: a depth anchor i's targets over the RGB candidates come from its own distances to
     them, exactly as an RGB anchor i's do (W = soft_weights(coords) is symmetric only before its rows are
     normalised, so the reverse direction takes W, not W^T). `candidates` must be symmetric for the same reason.
-    f1, f2: [B, N, C], weights: [B, N, N] -> scalar.
+    It is the sum of dense_contrastive_loss(f1, f2, ...) and dense_contrastive_loss(f2, f1, ...) (tested), computed
+    by _BidirectionalSoftCrossEntropy, which writes out the forward and backward passes so that the [B, N, N]
+    tensors are made three times instead of once per operation: the term is bound by that memory traffic.
+    f1, f2: [B, N, C], weights: [B, N, N] (constants: they get no gradient) -> scalar.
     """
     f1 = F.normalize(_full(f1), dim=-1)
     f2 = F.normalize(_full(f2), dim=-1)
-    s = f1 @ f2.transpose(1, 2) / tau  # [B, N, N]
-    return soft_cross_entropy(s, weights, candidates) + soft_cross_entropy(s.transpose(1, 2), weights, candidates)
+    return _BidirectionalSoftCrossEntropy.apply(f1, f2, _full(weights), tau, candidates)
+
+
+class _BidirectionalSoftCrossEntropy(torch.autograd.Function):
+    """Eq. 5's two soft cross-entropies of S = f1 f2^T / tau, for unit f1, f2 [B, N, C]. With r_i = sum_j w_ij
+    (1 for soft_weights and the identity) and w_ij = 0 outside anchor i's candidates C(i),
+
+        L = 1/(B N) sum_b [ sum_i r_i lse_{j in C(i)} S_ij + sum_j r_j lse_{i in C(j)} S_ij - sum_ij S_ij (w_ij + w_ji) ]
+        dL/dS_ij = (r_i P_ij + r_j Q_ij - w_ij - w_ji) / (B N),   P = softmax of the rows of S, Q = of its columns
+        dL/df1 = dL/dS f2 / tau,   dL/df2 = (dL/dS)^T f1 / tau
+
+    The forward pass computes G = r P + r Q - W - W^T in place and keeps only G for the backward pass, which is
+    then two matrix products. float32, also under autocast (logits of magnitude 1/tau lose too much in bf16).
+    """
+
+    @staticmethod
+    def forward(ctx, f1, f2, weights, tau, candidates):
+        with torch.autocast(f1.device.type, enabled=False):
+            s = torch.bmm(f1, f2.transpose(1, 2)).div_(tau)  # [B, N, N] S
+            g = torch.empty_like(s).copy_(weights).add_(weights.transpose(1, 2))  # [B, N, N] W + W^T
+            target = torch.vdot(s.flatten(), g.flatten())  # sum_ij S_ij (w_ij + w_ji), before -inf enters S
+            r = weights.sum(-1).expand(s.shape[:2])  # [B, N]
+            if candidates is not None:
+                s.masked_fill_(candidates.logical_not(), float("-inf"))
+            m = s.amax(-1, keepdim=True)  # [B, N, 1]
+            p = torch.sub(s, m).exp_()  # [B, N, N]
+            z = p.sum(-1, keepdim=True)
+            lse = (r[:, :, None] * (m + z.log())).sum()  # sum_i r_i lse_j S_ij
+            g.neg_().add_(p.div_(z / r[:, :, None]))  # r P - W - W^T
+            del p
+            m = s.amax(-2, keepdim=True)  # [B, 1, N]
+            q = s.sub_(m).exp_()  # [B, N, N], in S's memory: S is not needed any more
+            z = q.sum(-2, keepdim=True)
+            lse = lse + (r[:, None, :] * (m + z.log())).sum()  # + sum_j r_j lse_i S_ij
+            g.add_(q.div_(z / r[:, None, :]))  # G = r P + r Q - W - W^T
+            n = s.shape[0] * s.shape[1]
+        ctx.save_for_backward(g, f1, f2)
+        ctx.scale = 1 / (n * tau)
+        return (lse - target) / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        g, f1, f2 = ctx.saved_tensors
+        k = grad * ctx.scale
+        with torch.autocast(f1.device.type, enabled=False):
+            return torch.bmm(g, f2).mul_(k), torch.bmm(g.transpose(1, 2), f1).mul_(k), None, None, None
 
 
 def joint_keypoint_loss(joints, keypoints, valid, tau=0.07):

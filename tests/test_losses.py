@@ -115,6 +115,43 @@ def test_repeated_points_are_one_candidate_and_the_hard_row_stays_infonce():
     assert unmasked > hard
 
 
+def test_bidirectional_dense_loss_gradients_are_those_of_eq_3_in_both_directions():
+    """The written-out backward pass of Eq. 5 against autograd through the two Eq. 3 directions, with repeated
+    points (candidates), soft weights and the hard row's broadcast identity; and torch's numerical gradcheck."""
+    B, N, C, tau = 2, 9, 5, 0.1
+    cell = torch.randint(0, 6, (B, N))
+    candidates = (cell[:, :, None] != cell[:, None, :]) | torch.eye(N, dtype=torch.bool)
+    soft = losses.soft_weights(torch.stack([cell % 3, cell // 3], -1).double(), candidates)
+    hard = torch.eye(N, dtype=torch.float64)[None]
+    for weights, cands in ((soft, candidates), (hard, candidates), (losses.soft_weights(torch.rand(B, N, 2)).double(),
+                                                                      None)):
+        f1 = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+        f2 = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+        got = torch.autograd.grad(losses.bidirectional_dense_loss(f1, f2, weights, tau, cands), (f1, f2))
+        reference = (losses.dense_contrastive_loss(f1, f2, weights.expand(B, N, N), tau, cands)
+                     + losses.dense_contrastive_loss(f2, f1, weights.expand(B, N, N), tau, cands))
+        want = torch.autograd.grad(reference, (f1, f2))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda a, b: losses.bidirectional_dense_loss(a, b, weights, tau, cands),
+                                        (f1, f2))
+
+
+def test_bidirectional_dense_loss_computes_in_float32_under_bf16_autocast():
+    B, N, C = 2, 16, 8
+    f1, f2 = torch.randn(B, N, C), torch.randn(B, N, C)
+    w = losses.soft_weights(torch.rand(B, N, 2) * 4)
+    want = losses.bidirectional_dense_loss(f1, f2, w)
+    a, b = f1.bfloat16().requires_grad_(), f2.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = losses.bidirectional_dense_loss(a, b, w)
+    got.backward()
+    assert got.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    # only the inputs' rounding to bf16 differs; in bf16 the logits (|S| up to 14) would be off by ~0.05 each
+    torch.testing.assert_close(got, losses.bidirectional_dense_loss(a.detach().float(), b.detach().float(), w))
+    assert abs(float(got.detach()) - float(want)) < 0.05
+
+
 # ---------------------------------------------------------------- Eq. 6
 def cross_sample_brute_force(feats, valid, tau):
     B, M, J, _ = feats.shape
