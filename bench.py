@@ -326,7 +326,7 @@ def bench_run(folder):
     """The whole-run FLOP throughput of a finished train.py run: every step's FLOPs (counted on its config, per
     stage) over the run's wall time from its log (the time column of each stage's last row). The config comes from
     the last stage file: its train options beside the model config the stage built, which a run written before the
-    model became one field of train.Config also records."""
+    model became one field of train.Config also records; a run without --stage1-epochs ran --epochs in both stages."""
     from dataclasses import fields
 
     import harness
@@ -337,6 +337,7 @@ def bench_run(folder):
         raise SystemExit(f"error: --run: no stage1.pt or stage2.pt in {folder}")
     saved = harness.load_stage(last)["config"]
     options = {f.name for f in fields(train.Config)} - {"model", "device"}
+    saved["train"].setdefault("stage1_epochs", saved["train"]["epochs"])
     cfg = train.Config(**{k: v for k, v in saved["train"].items() if k in options},
                        model=HCMoCoConfig.from_dict(saved["model"]), device=DEVICE.type)
     rows = harness.read_log(folder)
@@ -345,7 +346,7 @@ def bench_run(folder):
         last = [r for r in rows if r["stage"] == stage]
         if not last:
             continue
-        steps = train.stage_steps(cfg, cfg.synthetic_samples)
+        steps = train.stage_steps(cfg, stage, cfg.synthetic_samples)
         _, flops = preset_step(cfg, stage, False)
         total_flops += steps * flops
         total_time += last[-1]["time"]

@@ -27,7 +27,7 @@ MOVED = (30.0, 1.2, (8.0, -6.0))  # the monitors' moved depth view: rotation (de
 # pre-training set).
 RUN_OPTIONS = ("stage", "out", "resume", "overwrite", "device", "workers", "compile", "eval_every", "heldout",
                "log_every", "save_every")
-STAGE2_OPTIONS = ("targets", "lambda_dense", "lambda_sparse", "dense_points")
+STAGE2_OPTIONS = ("epochs", "targets", "lambda_dense", "lambda_sparse", "dense_points")
 STAGE_FIELDS = ("dense", "sparse", "bank_size")
 
 
@@ -45,7 +45,7 @@ def option_checks(cfg, given):
         ("mpii_split" not in given or "mpii_root" in roots[cfg.data],
          f"--mpii-split: --data {cfg.data} does not read MPII"),
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
-        *cli.positive(cfg, ("epochs", "batch_size", "lr")),
+        *cli.positive(cfg, ("stage1_epochs", "epochs", "batch_size", "lr")),
         *cli.positive(model, ("width", "num_negatives", "dense_points", "tau")),
         *cli.positive(cfg, ("eval_every", "save_every", "log_every")),
         *cli.positive(cfg, ("steps",) if cfg.steps is not None else ()),
@@ -80,8 +80,8 @@ def check_dataset(cfg, dataset):
 
 
 def run_warnings(cfg, n, steps):
-    """What would make a run of `steps` steps per stage on n pre-training samples train other than its options
-    suggest."""
+    """What would make a run whose shortest stage has `steps` steps, on n pre-training samples, train other than its
+    options suggest."""
     return ([f"a stage has {steps} steps, fewer than --warmup {cfg.warmup}: the learning rate never leaves the "
              "warm-up"] if steps < cfg.warmup else []) + \
         ([f"{n} pre-training samples, fewer than --batch-size {cfg.batch_size}: a batch holds people more than once, "

@@ -167,6 +167,27 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
 
 
+def test_each_stage_trains_its_own_epochs_and_only_its_own_shape_its_file(tmp_path, capsys, monkeypatch):
+    """--stage1-epochs sets stage 1's length, --epochs stage 2's (12 people at batch 4: 3 steps an epoch); another
+    --epochs leaves stage1.pt reusable and refuses stage2.pt, another --stage1-epochs refuses stage1.pt."""
+    out = run(tmp_path, "--stage", "2", "--stage1-epochs", "1", "--epochs", "2")
+    assert [torch.load(out / f"stage{s}.pt", weights_only=True)["step"] for s in (1, 2)] == [3, 6]
+    trained = {s: max(r["step"] for r in harness.read_log(out) if r["stage"] == s and "lr" in r) for s in (1, 2)}
+    assert trained == {1: 2, 2: 5}
+    monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
+    for args, stage, changed in ((["--stage1-epochs", "1", "--epochs", "1"], 2, "--epochs 2 -> 1"),
+                                 (["--stage1-epochs", "2", "--epochs", "2"], 1, "--stage1-epochs 1 -> 2")):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--stage", "2", *args)
+        assert str(e.value.code) == (f"error: {out / f'stage{stage}.pt'} was trained with other options ({changed}): "
+                                     "give another --out, or --overwrite to discard it")
+    monkeypatch.undo()
+    stage1 = (out / "stage1.pt").read_bytes()
+    run(tmp_path, "--stage", "2", "--stage1-epochs", "1", "--epochs", "1", "--overwrite")
+    assert "stage 1: reusing the finished" in capsys.readouterr().out and (out / "stage1.pt").read_bytes() == stage1
+    assert torch.load(out / "stage2.pt", weights_only=True)["step"] == 3
+
+
 def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_options(tmp_path, capsys, monkeypatch):
     out = run(tmp_path / "out", "--stage", "1", "--steps", "2")
     ckpt = torch.load(out / "stage1.pt", weights_only=True)
@@ -461,7 +482,7 @@ def test_the_paper_schedule_is_per_epoch_down_to_a_thousandth_of_the_lr(tmp_path
         expected = 3e-5 + (0.03 - 3e-5) * (1 + math.cos(math.pi * e / E)) / 2
         assert lrs[(e - 1) * per_epoch:e * per_epoch] == pytest.approx([expected] * per_epoch)
     assert lrs[-1] == pytest.approx(3e-5)
-    run(tmp_path, "--stage", "1", "--epochs", "2", "--lr", "0.01", "--lr-schedule", "epoch")  # 3 steps an epoch
+    run(tmp_path, "--stage", "1", "--stage1-epochs", "2", "--lr", "0.01", "--lr-schedule", "epoch")  # 3 steps an epoch
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([(0.01 + 1e-5) / 2] * 3 + [1e-5] * 3)
 
