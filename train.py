@@ -216,6 +216,9 @@ def run_stage(cfg, stage, dataset, device, rank=0, world=1, log=print):
     path = harness.stage_path(cfg.out, stage)
     per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     total = stage_steps(cfg, stage, len(dataset))
+    # the stage's new weights and random draws depend on (seed, stage, rank) alone: a stage 2 after a stage 1 trained
+    # in this process is the stage 2 of one that reused stage1.pt
+    torch.manual_seed(cfg.seed + STAGE_SEED * stage + rank)
     model, optimizer = build_model(cfg, stage, len(dataset), device, log)
     initial = harness.conv_weights(model)  # the stage's starting weights (a resumed run rebuilds the same ones first)
     start = harness.resume(path, model, optimizer, device) if cfg.resume else 0

@@ -167,6 +167,15 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
 
 
+def test_stage_2_is_the_same_whether_stage_1_trained_in_the_same_process_or_was_reused(tmp_path):
+    """Stage 2's new heads and draws come from its own seed, not from the RNG state stage 1 left behind."""
+    one = run(tmp_path / "one", "--stage", "2", "--steps", "2")
+    two = run(tmp_path / "two", "--stage", "1", "--steps", "2")
+    run(two, "--stage", "2", "--steps", "2")
+    torch.testing.assert_close(weights(two / "stage1.pt"), weights(one / "stage1.pt"))
+    torch.testing.assert_close(weights(two / "stage2.pt"), weights(one / "stage2.pt"), rtol=0, atol=0)
+
+
 def test_each_stage_trains_its_own_epochs_and_only_its_own_shape_its_file(tmp_path, capsys, monkeypatch):
     """--stage1-epochs sets stage 1's length, --epochs stage 2's (12 people at batch 4: 3 steps an epoch); another
     --epochs leaves stage1.pt reusable and refuses stage2.pt, another --stage1-epochs refuses stage1.pt."""
