@@ -105,6 +105,8 @@ def changed_options(saved, cfg, stage):
     file: its train config beside the model's as the stage built it (the model's fields go by their own names)."""
     skip = RUN_OPTIONS + STAGE_FIELDS + (STAGE2_OPTIONS if stage == 1 else ())
     old = {k: v for k, v in saved["train"].items() if k != "model"} | saved["model"]
+    if "epochs" in old:  # a file from before --stage1-epochs: its run trained --epochs in both stages
+        old.setdefault("stage1_epochs", old["epochs"])
     new = asdict(cfg)
     new.update(new.pop("model"))
     return [f"--{k.replace('_', '-')} {old.get(k, '(not recorded)')} -> {v}" for k, v in new.items()

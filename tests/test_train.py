@@ -195,6 +195,15 @@ def test_each_stage_trains_its_own_epochs_and_only_its_own_shape_its_file(tmp_pa
     run(tmp_path, "--stage", "2", "--stage1-epochs", "1", "--epochs", "1", "--overwrite")
     assert "stage 1: reusing the finished" in capsys.readouterr().out and (out / "stage1.pt").read_bytes() == stage1
     assert torch.load(out / "stage2.pt", weights_only=True)["step"] == 3
+    # a stage file from before --stage1-epochs records only --epochs, which its run trained in both stages
+    ckpt = torch.load(out / "stage1.pt", weights_only=True)
+    del ckpt["config"]["train"]["stage1_epochs"]
+    ckpt["config"]["train"]["epochs"] = 1
+    torch.save(ckpt, out / "stage1.pt")
+    run(tmp_path, "--stage", "1", "--stage1-epochs", "1", "--epochs", "1")
+    assert "stage 1: reusing the finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="\\(--stage1-epochs 1 -> 3\\)"):
+        run(tmp_path, "--stage", "1", "--epochs", "1")
 
 
 def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_options(tmp_path, capsys, monkeypatch):
