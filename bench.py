@@ -327,7 +327,7 @@ def bench_run(folder):
     """The whole-run FLOP throughput of a finished train.py run: every step's FLOPs (counted on its config, per
     stage) over the run's wall time from its log (the time column of each stage's last row). The config comes from
     the last stage file: its train options beside the model config the stage built, which a run written before the
-    model became one field of train.Config also records; a run without --stage1-epochs ran --epochs in both stages."""
+    model became one field of train.Config also records."""
     from dataclasses import fields
 
     import harness
@@ -338,7 +338,6 @@ def bench_run(folder):
         raise SystemExit(f"error: --run: no stage1.pt or stage2.pt in {folder}")
     saved = harness.load_stage(final)["config"]
     options = {f.name for f in fields(train.Config)} - {"model", "device"}
-    saved["train"].setdefault("stage1_epochs", saved["train"]["epochs"])
     cfg = train.Config(**{k: v for k, v in saved["train"].items() if k in options},
                        model=HCMoCoConfig.from_dict(saved["model"]), device=DEVICE.type)
     rows = harness.read_log(folder)

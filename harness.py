@@ -94,9 +94,14 @@ def stage_path(out, stage):
 
 
 def load_stage(path, map_location="cpu"):
-    """A checkpoint written by train.run_stage (CheckpointError if the file is not one)."""
-    return load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
+    """A checkpoint written by train.run_stage (CheckpointError if the file is not one). A file from before
+    --stage1-epochs records --epochs alone, which its run trained in both stages: its config says so here."""
+    ckpt = load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
                            map_location)
+    train = ckpt["config"].get("train", {})
+    if "epochs" in train:
+        train.setdefault("stage1_epochs", train["epochs"])
+    return ckpt
 
 
 def changed_options(saved, cfg, stage):
@@ -105,8 +110,6 @@ def changed_options(saved, cfg, stage):
     file: its train config beside the model's as the stage built it (the model's fields go by their own names)."""
     skip = RUN_OPTIONS + STAGE_FIELDS + (STAGE2_OPTIONS if stage == 1 else ())
     old = {k: v for k, v in saved["train"].items() if k != "model"} | saved["model"]
-    if "epochs" in old:  # a file from before --stage1-epochs: its run trained --epochs in both stages
-        old.setdefault("stage1_epochs", old["epochs"])
     new = asdict(cfg)
     new.update(new.pop("model"))
     return [f"--{k.replace('_', '-')} {old.get(k, '(not recorded)')} -> {v}" for k, v in new.items()
