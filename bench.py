@@ -377,9 +377,7 @@ def heldout_retrieval(path, image_size, groups=RETRIEVAL_GROUPS, size=256):
     top1 = []
     with torch.no_grad():
         for i in range(0, groups * size, size):
-            part = {k: ({m: p[i:i + size] for m, p in v.items()} if isinstance(v, dict) else v[i:i + size])
-                    for k, v in batch.items()}
-            g = model.embed(part)["global"]
+            g = model.embed(data.batch_rows(batch, i, i + size))["global"]
             hits = (g["rgb"] @ g["depth"].T).argmax(1) == torch.arange(size, device=DEVICE)  # [size]
             top1.append(100 * hits.float().mean().item())
     return statistics.mean(top1), min(top1), max(top1)

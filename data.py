@@ -801,6 +801,12 @@ class StepBatches(torch.utils.data.Sampler):
         return int(self.epoch[1][offset])
 
 
+def batch_rows(batch, start, stop):
+    """Rows start..stop-1 of a batch dict (with its nested `present`)."""
+    return {k: ({m: v[start:stop] for m, v in t.items()} if isinstance(t, dict) else t[start:stop])
+            for k, t in batch.items()}
+
+
 def to_device(batch, device):
     """A batch dict (with its nested `present`) on `device`."""
     move = lambda t: t.to(device, non_blocking=True)  # noqa: E731

@@ -281,8 +281,7 @@ def monitors(model, batch, initial, points=32):
                 starting weights): a cosine near 0 with a huge norm is the frozen-backbone failure"""
     was_training = model.training
     model.eval()
-    emb = [model.embed({k: ({m: p[i:i + 64] for m, p in v.items()} if isinstance(v, dict) else v[i:i + 64])
-                        for k, v in batch.items()}) for i in range(0, len(batch["index"]), 64)]
+    emb = [model.embed(data.batch_rows(batch, i, i + 64)) for i in range(0, len(batch["index"]), 64)]
     g = {m: torch.cat([e["global"][m] for e in emb]) for m in emb[0]["global"]}
     dense = {m: torch.cat([e["dense"][m] for e in emb]) for m in ("rgb", "depth")}  # [B, D, h, w]
     out = {}
