@@ -294,7 +294,6 @@ def pretrain(cfg, rank=0, world=1, dataset=None):
     kind = cli.pick_device(cfg.device)  # a Config built in code may still say 'auto'
     device = torch.device(kind if kind == "cpu" else f"cuda:{rank % max(1, torch.cuda.device_count())}")
     log = print if rank == 0 else (lambda *a: None)
-    torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
     actions = harness.plan(cfg)
     if world > 1:
