@@ -3,10 +3,10 @@ stage or a run with a metrics.json is not redone).
 
     python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
 
-Pre-training (train.py's CPU preset): one stage 1 (the CMC model), then a stage 2 per row of Table 3 from it; the
-whole pre-training again with two more seeds (the noise floor); a stage 1 with MMV's objective in Eq. 2's place
-(--global-loss mmv: the MMV baseline); with --backbone-init, once more from those weights (the paper's Ours* vs
-Ours: ImageNet init vs none).
+Pre-training (train.py's CPU preset): one stage 1, then a stage 2 per row of Table 3 from it; the whole
+pre-training again with two more seeds (the noise floor); the sample-level baselines, each a stage 1 as long as
+HCMoCo's two stages together (the same steps): CMC (Eq. 2) and MMV (--global-loss mmv); with --backbone-init, the
+whole pre-training once more from those weights (the paper's Ours* vs Ours: ImageNet init vs none).
 Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
 subsets x 2 seeds, so every comparison is paired:
   Table 2   scratch / CMC / MMV / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
@@ -97,14 +97,15 @@ class Run:
 
 
 def pretraining(opts, quick):
-    """Train every pre-training run not yet finished; -> {name: checkpoint} for stage1 ('CMC') and each stage 2."""
+    """Train every pre-training run not yet finished; -> {name: checkpoint}: the sample-level baselines ('CMC',
+    'MMV') and each stage 2."""
     pre = os.path.join(opts.out, "pretrain")
     first = os.path.join(pre, "full")
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
     base = train.resolved(base, cli.pick_device(base.device))
-    run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (the CMC model)")
-    jobs, ckpts = [], {"CMC": os.path.join(first, "stage1.pt")}
+    run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (HCMoCo's)")
+    jobs, ckpts = [], {}
     for name, targets in LADDER.items():
         out = os.path.join(pre, name)
         os.makedirs(out, exist_ok=True)
@@ -112,10 +113,13 @@ def pretraining(opts, quick):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
         jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
         ckpts[name] = os.path.join(out, "stage2.pt")
-    # MMV is a sample-level method like CMC: one stage, as long as CMC's stage 1
-    mmv = replace(base.model, global_loss="mmv")
-    jobs.append(("train", replace(base, stage=1, model=mmv, out=os.path.join(pre, "mmv"))))
-    ckpts["MMV"] = os.path.join(pre, "mmv", "stage1.pt")
+    # the sample-level methods: one stage of their objective for as many steps as HCMoCo's two stages
+    for arm, loss in (("CMC", base.model.global_loss), ("MMV", "mmv")):
+        out = os.path.join(pre, arm.lower())
+        jobs.append(("train", replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs,
+                                      steps=base.steps and 2 * base.steps, model=replace(base.model, global_loss=loss),
+                                      out=out)))
+        ckpts[arm] = os.path.join(out, "stage1.pt")
     for seed in NOISE_SEEDS:
         out = os.path.join(pre, f"full-seed{seed}")
         jobs.append(("train", replace(base, stage=2, seed=seed, out=out)))

@@ -271,21 +271,28 @@ def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
                                                     "[2/2] finetune b"]
 
 
-def test_the_mmv_arm_pretrains_cmcs_stage_1_with_mmvs_objective(tmp_path, monkeypatch):
-    """The MMV baseline is pre-trained as CMC is, stage 1 alone with the same options, but for the sample-level
-    objective (MMV's in Eq. 2's place) and its folder; its stage file is the MMV arm's init."""
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmocos_two(tmp_path, monkeypatch, quick):
+    """CMC and MMV are each one stage 1 of their sample-level objective (the preset's Eq. 2, MMV's in its place),
+    otherwise with HCMoCo's options, for the steps of HCMoCo's stage 1 and stage 2 together; each stage file, in a
+    folder of its own, is its arm's init."""
     jobs = []
     monkeypatch.setattr(experiments, "run_jobs", lambda batch, n, what: jobs.extend(batch))
     first = tmp_path / "pretrain" / "full"
     first.mkdir(parents=True)
     (first / "stage1.pt").write_bytes(b"")  # copied into the other rows' folders, never read here
-    ckpts = experiments.pretraining(experiments.Options(out=str(tmp_path), quick=True), quick=True)
+    ckpts = experiments.pretraining(experiments.Options(out=str(tmp_path), quick=quick), quick=quick)
     configs = [cfg for kind, cfg in jobs if kind == "train"]
-    cmc = next(c for c in configs if c.stage == 1)
-    mmv = [c for c in configs if c.model.global_loss == "mmv"]
-    assert len(mmv) == 1 and cmc.model.global_loss == "batch"
-    assert dataclasses.replace(mmv[0], model=cmc.model, out=cmc.out) == cmc
-    assert ckpts["MMV"] == os.path.join(mmv[0].out, "stage1.pt") != ckpts["CMC"]
+    hcmoco = next(c for c in configs if c.out == str(first) and c.stage == 1)
+    full = next(c for c in configs if c.out.endswith(os.path.join("pretrain", "full")) and c.stage == 2)
+    cmc, mmv = (next(c for c in configs if c.out.endswith(os.path.join("pretrain", arm))) for arm in ("cmc", "mmv"))
+    assert cmc.stage == mmv.stage == 1
+    assert (cmc.model.global_loss, mmv.model.global_loss) == (hcmoco.model.global_loss, "mmv")
+    assert dataclasses.replace(mmv, model=cmc.model, out=cmc.out) == cmc
+    n = cmc.synthetic_samples
+    assert train.stage_steps(cmc, 1, n) == train.stage_steps(hcmoco, 1, n) + train.stage_steps(full, 2, n)
+    assert dataclasses.replace(cmc, stage1_epochs=hcmoco.stage1_epochs, steps=hcmoco.steps, out=hcmoco.out) == hcmoco
+    assert (ckpts["CMC"], ckpts["MMV"]) == (os.path.join(cmc.out, "stage1.pt"), os.path.join(mmv.out, "stage1.pt"))
 
 
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
