@@ -128,7 +128,7 @@ def pretraining(opts, quick):
         out = os.path.join(pre, "full-imagenet")
         jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
         ckpts["imagenet"] = os.path.join(out, "stage2.pt")
-    run_jobs(jobs, opts.jobs, "pre-training: stage 2 of each Table 3 row and noise-floor seed, MMV's stage 1")
+    run_jobs(jobs, opts.jobs, "pre-training: each Table 3 row's stage 2, the noise-floor seeds, CMC and MMV")
     ckpts["HCMoCo"] = ckpts["full"]
     return ckpts
 
