@@ -283,8 +283,7 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
     (first / "stage1.pt").write_bytes(b"")  # copied into the other rows' folders, never read here
     ckpts = experiments.pretraining(experiments.Options(out=str(tmp_path), quick=quick), quick=quick)
     configs = [cfg for kind, cfg in jobs if kind == "train"]
-    hcmoco = next(c for c in configs if c.out == str(first) and c.stage == 1)
-    full = next(c for c in configs if c.out.endswith(os.path.join("pretrain", "full")) and c.stage == 2)
+    hcmoco, full = (next(c for c in configs if c.out == str(first) and c.stage == stage) for stage in (1, 2))
     cmc, mmv = (next(c for c in configs if c.out.endswith(os.path.join("pretrain", arm))) for arm in ("cmc", "mmv"))
     assert cmc.stage == mmv.stage == 1
     assert (cmc.model.global_loss, mmv.model.global_loss) == (hcmoco.model.global_loss, "mmv")
