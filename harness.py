@@ -27,7 +27,7 @@ MOVED = (30.0, 1.2, (8.0, -6.0))  # the monitors' moved depth view: rotation (de
 # pre-training set).
 RUN_OPTIONS = ("stage", "out", "resume", "overwrite", "device", "workers", "compile", "eval_every", "heldout",
                "log_every", "save_every")
-STAGE2_OPTIONS = ("epochs", "targets", "lambda_dense", "lambda_sparse", "dense_points")
+STAGE2_OPTIONS = ("epochs", "targets", "lambda_dense", "lambda_sparse", "dense_points", "soft_width")
 STAGE_FIELDS = ("dense", "sparse", "bank_size")
 
 
@@ -46,7 +46,7 @@ def option_checks(cfg, given):
          f"--mpii-split: --data {cfg.data} does not read MPII"),
         (cfg.backbone_init is None or os.path.isfile(cfg.backbone_init), f"--backbone-init: {cfg.backbone_init} not found"),
         *cli.positive(cfg, ("stage1_epochs", "epochs", "batch_size", "lr")),
-        *cli.positive(model, ("width", "num_negatives", "dense_points", "tau")),
+        *cli.positive(model, ("width", "num_negatives", "dense_points", "tau", "soft_width")),
         *cli.positive(cfg, ("eval_every", "save_every", "log_every")),
         *cli.positive(cfg, ("steps",) if cfg.steps is not None else ()),
         *cli.non_negative(cfg, ("warmup",)),
@@ -95,12 +95,14 @@ def stage_path(out, stage):
 
 def load_stage(path, map_location="cpu"):
     """A checkpoint written by train.run_stage (CheckpointError if the file is not one). A file from before
-    --stage1-epochs records --epochs alone, which its run trained in both stages: its config says so here."""
+    --stage1-epochs records --epochs alone, which its run trained in both stages, and one from before --soft-width
+    no width, where Eq. 4 was in cells (width 1): its config says so here."""
     ckpt = load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
                            map_location)
     train = ckpt["config"].get("train", {})
     if "epochs" in train:
         train.setdefault("stage1_epochs", train["epochs"])
+    ckpt["config"]["model"].setdefault("soft_width", 1.0)
     return ckpt
 
 

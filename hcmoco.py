@@ -57,6 +57,8 @@ class HCMoCoConfig:
     # PointNet2.small() with the small HRNet, else PointNet2()
     depth_encoder: Literal["hrnet", "pointnet"] = "hrnet"  # of depth: an HRNet, or PointNet++ on the depth's points
     dense: Literal["none", "hard", "soft"] = "soft"  # Eq. 3-5's targets: none, identity (InfoNCE) or Eq. 4's
+    # 1 as published, at 320 px an 80 x 80 grid; at 64 px a cell covers 5 times as much of the person
+    soft_width: float = 1.0  # Eq. 4's unit of distance, in cells of the dense grid
     sparse: bool = True  # Eq. 6
     # Eq. 1's weights, on terms that are sums as published (module docstring)
     lambda_global: float = 1.0  # Eq. 1's weight of the sample-level term
@@ -85,11 +87,12 @@ class HCMoCoConfig:
     @classmethod
     def from_dict(cls, values):
         """The config saved in a checkpoint; one written before the switches were typed names its Table 3 row in
-        a 'targets' string, and one written before bn_momentum was an option has none."""
+        a 'targets' string, and one written before bn_momentum or soft_width was an option has none."""
         values = dict(values)
         if "targets" in values:
             values.update(TARGETS[values.pop("targets")])
         values.setdefault("bn_momentum", 0.1)  # what the HRNets trained with before it was an option
+        values.setdefault("soft_width", 1.0)  # Eq. 4 in cells, as before it was an option
         return cls(**values)
 
 
@@ -319,7 +322,7 @@ class HCMoCo(nn.Module):
         A cell drawn more than once is one candidate: each anchor's other copies of its own cell leave its softmax
         (they would be negatives identical to its positive), so the identity weights of the "hard" row give an
         exact InfoNCE and the soft weights spread over distinct cells. Soft targets: soft_weights over the cells'
-        grid coordinates (distances in cells); hard: the identity."""
+        grid coordinates in units of soft_width cells; hard: the identity."""
         none = batch["rgb"].new_zeros(())
         if "rgb" not in dense or "depth" not in dense:
             return none
@@ -337,7 +340,7 @@ class HCMoCo(nn.Module):
         if self.cfg.dense == "hard":
             W = eye.expand(len(rows), n, n).to(f1.dtype)
         else:
-            coords = torch.stack([idx % w, idx // w], dim=-1).float()  # [b, N, 2] grid cells (x, y)
+            coords = torch.stack([idx % w, idx // w], dim=-1) / self.cfg.soft_width  # [b, N, 2] (x, y)
             W = losses.soft_weights(coords, candidates)
         return losses.bidirectional_dense_loss(f1, f2, W, self.cfg.tau, candidates)
 

@@ -40,7 +40,7 @@ def cpu_model():
     """The CPU preset's model: the published one (HCMoCoConfig's defaults) but for what Config's docstring says."""
     # published 0.01 averages the running statistics over ~100 steps, stale in a run of a few hundred (README)
     return HCMoCoConfig(init="he", bn_momentum=0.1, global_loss="batch", num_negatives=256, tau=0.1,
-                        lambda_sparse=6.0, dense_points=48)
+                        lambda_sparse=6.0, dense_points=48, soft_width=0.2)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Config:
     and 9 of stage 2 (the same steps as 6 + 6 retrieve better: stage 2's targets give more per step);
     48 dense points: a person covers 25-60 cells of the 16 x 16 grid, drawn with replacement; Eq. 6 weighted 6
     times the published weight (lambda_sparse 6: its intra-sample part is what the sparse level adds here);
-    BatchNorm running statistics that keep up with a short run."""
+    Eq. 4's distances in fifths of a cell (soft_width 0.2: a cell of the 16 x 16 grid covers as much of the person
+    as 5 of the published 80 x 80 grid's); BatchNorm running statistics that keep up with a short run."""
     stage: Literal[1, 2] = 2  # train up to this stage
     preset: Literal["auto", "cpu", "paper"] = "cpu"  # the other options' defaults; auto: paper on a GPU, else cpu
     data: Literal[PRETRAIN_SOURCES] = "synthetic"  # rendered people, real data or both (data.pretraining_set)
@@ -98,7 +99,8 @@ class Config:
 
 # The model's fields that are options of the command line (--tau, --lambda-sparse, ...), under their own names
 MODEL_OPTIONS = ("hrnet", "width", "keypoint_graph", "depth_encoder", "lambda_global", "lambda_dense", "lambda_sparse",
-                 "tau", "init", "bn_momentum", "global_loss", "num_negatives", "momentum", "dense_points")
+                 "tau", "init", "bn_momentum", "global_loss", "num_negatives", "momentum", "dense_points",
+                 "soft_width")
 
 PRESETS = {
     "cpu": Config(),

@@ -146,11 +146,11 @@ def test_joint_features_are_sampled_where_the_joints_are():
     torch.testing.assert_close(got[0], kp[0])
 
 
-@pytest.mark.parametrize("targets", ["global+soft", "global+hard"])
-def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
-    """HCMoCo.dense_term at fixed points, repeats included, against Eq. 5 written out; with W^T in the reverse
-    direction (or repeats as extra negatives) it differs."""
-    model = tiny(targets=targets, dense_points=12)
+@pytest.mark.parametrize("targets, soft_width", [("global+soft", 1.0), ("global+soft", 0.2), ("global+hard", 1.0)])
+def test_dense_term_is_the_written_out_double_loop(targets, soft_width, monkeypatch):
+    """HCMoCo.dense_term at fixed points, repeats included, against Eq. 5 written out, Eq. 4's distances in units
+    of soft_width cells; with W^T in the reverse direction (or repeats as extra negatives) it differs."""
+    model = tiny(targets=targets, dense_points=12, soft_width=soft_width)
     batch = batch_of()
     with torch.no_grad():
         dense = model.embed(batch)["dense"]
@@ -163,13 +163,28 @@ def test_dense_term_is_the_written_out_double_loop(targets, monkeypatch):
     def at_cells(f):  # [B, D, h, w] -> [3, 12, D]: the features at the drawn cells
         return f[:3].flatten(2).transpose(1, 2)[torch.arange(3)[:, None], idx]
 
-    coords = torch.stack([idx % w, idx // w], -1).double()  # [3, 12, 2] (x, y) in cells
+    coords = torch.stack([idx % w, idx // w], -1).double() / soft_width  # [3, 12, 2] (x, y) in soft_width cells
     # a cell drawn twice is one candidate: an anchor keeps itself and drops the other copies of its cell
     candidates = torch.tensor([[[j == i or cj != ci for j, cj in enumerate(row)] for i, ci in enumerate(row)]
                                for row in idx.tolist()])  # [3, 12, 12]
     want = dense_double_loop(at_cells(dense["rgb"]), at_cells(dense["depth"]), coords, model.cfg.tau, candidates,
                              hard=targets == "global+hard")
     assert abs(got.item() - want) < 1e-4 * abs(want)
+
+
+def test_the_soft_term_narrows_to_the_hard_one_as_its_width_shrinks():
+    """Eq. 4 with distances in units of soft_width cells: as the width shrinks, every other cell's weight vanishes
+    and the soft row's dense term becomes the hard row's InfoNCE; at the published width of 1 cell it is not."""
+    batch = batch_of()
+    dense = {}
+    for name, targets, width in (("hard", "global+hard", 1.0), ("narrow", "global+soft", 0.01),
+                                 ("published", "global+soft", 1.0)):
+        torch.manual_seed(0)
+        model = tiny(targets=targets, soft_width=width)
+        torch.manual_seed(1)
+        dense[name] = model(batch)[1]["dense"]
+    torch.testing.assert_close(dense["narrow"], dense["hard"])
+    assert not torch.allclose(dense["published"], dense["hard"])
 
 
 def test_dense_term_draws_the_same_number_of_points_every_batch(monkeypatch):

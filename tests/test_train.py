@@ -136,7 +136,7 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     (tmp_path / "b").mkdir()
     shutil.copy(a / "stage1.pt", tmp_path / "b" / "stage1.pt")
     b = run(tmp_path / "b", "--stage", "2", "--steps", "2", "--targets", "global+hard", "--dense-points", "16",
-            "--eval-every", "5", "--log-every", "2", "--heldout", "4")
+            "--soft-width", "0.5", "--eval-every", "5", "--log-every", "2", "--heldout", "4")
     assert "stage 1: reusing the finished" in capsys.readouterr().out
     torch.testing.assert_close(weights(b / "stage1.pt"), s1)
     assert torch.load(b / "stage2.pt", weights_only=True)["done"] and config(b)["targets"] == "global+hard"
@@ -144,11 +144,12 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
     for args, changed in ((["--targets", "global+soft"], "--targets global+hard -> global+soft"),
                           (["--targets", "global+hard", "--lr", "0.1"], "--lr 0.003 -> 0.1"),
-                          (["--targets", "global+hard", "--width", "8"], "--width 4 -> 8")):
+                          (["--targets", "global+hard", "--width", "8"], "--width 4 -> 8"),
+                          (["--targets", "global+hard", "--soft-width", "0.3"], "--soft-width 0.5 -> 0.3")):
         with pytest.raises(SystemExit) as e:
-            run(b, "--stage", "2", "--steps", "2", "--dense-points", "16", *args)
+            run(b, "--stage", "2", "--steps", "2", "--dense-points", "16", "--soft-width", "0.5", *args)
         message = str(e.value.code)
-        stage = 2 if "targets" in changed else 1
+        stage = 2 if "targets" in changed or "soft-width" in changed else 1
         assert message == (f"error: {b / f'stage{stage}.pt'} was trained with other options ({changed}): give another "
                            "--out, or --overwrite to discard it")
         assert {p: p.read_bytes() for p in files} == files
@@ -165,6 +166,21 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     run(b, "--stage", "1", "--steps", "2", "--overwrite")
     assert not (b / "stage2.pt").exists() and config(b)["lr"] == 0.003
     torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
+
+
+def test_a_stage_file_from_before_soft_width_measured_eq4_in_cells(tmp_path, capsys, monkeypatch):
+    """A stage 2 file whose config has no soft_width trained Eq. 4 in cells: reused at --soft-width 1, refused at
+    another width, and rebuilt with width 1."""
+    out = run(tmp_path, "--stage", "2", "--steps", "2", "--soft-width", "1")
+    ckpt = torch.load(out / "stage2.pt", weights_only=True)
+    del ckpt["config"]["model"]["soft_width"]
+    torch.save(ckpt, out / "stage2.pt")
+    assert hcmoco.HCMoCo.from_checkpoint(out / "stage2.pt").cfg.soft_width == 1.0
+    run(out, "--stage", "2", "--steps", "2", "--soft-width", "1")
+    assert "stage 2: reusing the finished" in capsys.readouterr().out
+    monkeypatch.setattr(train, "build_dataset", None)
+    with pytest.raises(SystemExit, match=r"stage2.pt was trained with other options \(--soft-width 1.0 -> 0.5\)"):
+        run(out, "--stage", "2", "--steps", "2", "--soft-width", "0.5")
 
 
 def test_stage_2_is_the_same_whether_stage_1_trained_in_the_same_process_or_was_reused(tmp_path):
@@ -449,6 +465,8 @@ def test_paper_preset_has_the_published_resolution_and_augmentation():
     assert train.PRESETS["cpu"].model.keypoint_graph == "masked"
     assert [p.transform.recipe for p in train.build_dataset(cfg).datasets] == ["ntu", "mpii"]
     assert cfg.model.lambda_sparse == 1.0 and cfg.augment == "published"
+    # Eq. 4 in the published grid's cells; the CPU preset's 16 x 16 grid at 64 px has cells 5 times as large
+    assert (cfg.model.soft_width, train.PRESETS["cpu"].model.soft_width) == (1.0, 0.2)
     # the CPU preset augments whole batches in the training loop (data.BatchAugment): its items come untransformed
     cpu = train.parse_args(["--preset", "cpu", "--device", "cpu", "--synthetic-samples", "8"])
     assert cpu.augment == "batch" and not any(isinstance(p, data.Transformed) for p in train.build_dataset(cpu).datasets)
