@@ -44,6 +44,10 @@ ARMS = ("scratch", "CMC", "MMV", "HCMoCo")  # Table 2's inits
 LADDER = {"global": "global", "hard": "global+hard", "soft": "global+soft", "full": "global+soft+sparse"}  # Table 3
 LABELS = {"global": "sample-level (CMC form)", "hard": "+ dense, hard (InfoNCE)", "soft": "+ dense, soft",
           "full": "+ sparse (HCMoCo)"}
+SHORT = {"global": "sample-level", "hard": "hard", "soft": "soft"}
+# Table 3's steps (row, the row it adds to): hard and soft are each a dense term on the sample-level row, and
+# the sparse term joins the soft one; soft against hard compares the two dense targets
+STEPS = (("hard", "global"), ("soft", "global"), ("soft", "hard"), ("full", "soft"))
 PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
 NOISE_SEEDS = (1, 2)  # the full pre-training again with these seeds: the noise floor
@@ -284,14 +288,12 @@ def summarise(measured, main_steps):
         rows = {row: low["HCMoCo"] if row == "full" else miou(select(measured, group="ladder", task=task, arm=row))
                 for row in LADDER}
         out["ladder"][task] = {row: float(np.mean(v)) for row, v in rows.items()}
-        names = list(LADDER)
-        for prev, row in zip(names, names[1:]):
+        for row, prev in STEPS:
             out["ladder"][f"{task}/{row}-{prev}"] = paired_gain(rows[row], rows[prev])
     for modality in ("rgb", "depth"):
         probe = {r.arm: m for r, m in measured.items() if r.group == "probe" and r.task == f"{modality}-probe"}
         out["probes"][modality] = {arm: m["metrics"]["miou"] for arm, m in probe.items()}
-        names = list(LADDER)
-        for prev, row in zip(names, names[1:]):
+        for row, prev in STEPS:
             out["ladder"][f"{modality}-probe/{row}-{prev}"] = image_bootstrap(probe[row]["counts"]["per_image"],
                                                                              probe[prev]["counts"]["per_image"])
         seeds = [probe["full"]["metrics"]["miou"], *(probe[f"seed{s}"]["metrics"]["miou"] for s in NOISE_SEEDS)]
@@ -353,13 +355,12 @@ def results_markdown(s):
         lines.append(f"| {label} | {f(p['rgb'][arm])} | {f(p['depth'][arm])} |")
     lines += ["", f"| Table 3 row | RGB probe | depth probe | RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |",
               "|---|---|---|---|---|"]
-    names = list(LADDER)
-    for k, row in enumerate(names):
+    for row in LADDER:
         lines.append(f"| {LABELS[row]} | {f(p['rgb'][row])} | {f(p['depth'][row])} | "
                      f"{f(s['ladder']['rgb-parsing'][row])} | {f(s['ladder']['depth-parsing'][row])} |")
-        if k:
-            step = [s["ladder"][f"{t}/{row}-{names[k - 1]}"] for t in ("rgb-probe", "depth-probe", *PARSING)]
-            lines.append(f"| &nbsp;&nbsp; gain over the row above | " + " | ".join(map(interval, step)) + " |")
+        for prev in (b for a, b in STEPS if a == row):
+            step = [s["ladder"][f"{t}/{row}-{prev}"] for t in ("rgb-probe", "depth-probe", *PARSING)]
+            lines.append(f"| &nbsp;&nbsp; gain over the {SHORT[prev]} row | " + " | ".join(map(interval, step)) + " |")
     n = s["noise"]
     lines += ["", "| noise floor | RGB | depth |", "|---|---|---|",
               f"| probe, pre-training seeds {', '.join(map(str, (0, *NOISE_SEEDS)))} (range) | "
