@@ -96,7 +96,7 @@ def stage_path(out, stage):
 def load_stage(path, map_location="cpu"):
     """A checkpoint written by train.run_stage (CheckpointError if the file is not one). A file from before
     --stage1-epochs records --epochs alone, which its run trained in both stages, and one from before --soft-width
-    no width, where Eq. 4 was in cells (width 1): its config says so here."""
+    records no width (its Eq. 4 was in whole cells, width 1): its config says so here."""
     ckpt = load_checkpoint(path, "a train.py checkpoint", ("model", "optimizer", "step", "done", "rng", "config"),
                            map_location)
     train = ckpt["config"].get("train", {})
