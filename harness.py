@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import cli
 import data
 from encoders import CheckpointError, HRNet, apply_affine, load_checkpoint
-from hcmoco import at_cells, draw_cells, person_cells, sample_at
+from hcmoco import UNRECORDED, at_cells, draw_cells, person_cells, sample_at
 
 MOVED = (30.0, 1.2, (8.0, -6.0))  # the monitors' moved depth view: rotation (degrees), scale, shift (pixels)
 # What a stage file depends on: every option but these, which manage the run and leave the model as it is (a new
@@ -102,7 +102,7 @@ def load_stage(path, map_location="cpu"):
     train = ckpt["config"].get("train", {})
     if "epochs" in train:
         train.setdefault("stage1_epochs", train["epochs"])
-    ckpt["config"]["model"].setdefault("soft_width", 1.0)
+    ckpt["config"]["model"] = {**UNRECORDED, **ckpt["config"]["model"]}
     return ckpt
 
 

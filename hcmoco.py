@@ -42,6 +42,11 @@ PUBLISHED_PARENTS = [JOINT_INDEX["upper_neck"] if j in (JOINT_INDEX["r_shoulder"
                      for j, p in enumerate(PARENTS)]
 
 
+# what a checkpoint written before these options existed trained with: its config reads so wherever it is rebuilt
+# (HCMoCoConfig.from_dict) or compared for reuse (harness.load_stage)
+UNRECORDED = {"soft_width": 1.0}  # Eq. 4 in whole cells
+
+
 @dataclass
 class HCMoCoConfig:
     """The defaults are the published model's. The comment ending a field's line is its help as an option of
@@ -88,11 +93,10 @@ class HCMoCoConfig:
     def from_dict(cls, values):
         """The config saved in a checkpoint; one written before the switches were typed names its Table 3 row in
         a 'targets' string, and one written before bn_momentum or soft_width was an option has none."""
-        values = dict(values)
+        values = {**UNRECORDED, **values}
         if "targets" in values:
             values.update(TARGETS[values.pop("targets")])
         values.setdefault("bn_momentum", 0.1)  # what the HRNets trained with before it was an option
-        values.setdefault("soft_width", 1.0)  # Eq. 4 in cells, as before it was an option
         return cls(**values)
 
 
