@@ -249,7 +249,7 @@ def preset_step(cfg, stage, bf16, channels_last=False):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         batch = dict(batch, rgb=batch["rgb"].contiguous(memory_format=torch.channels_last))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = train.make_optimizer(cfg, model.parameters())  # as train.py's
 
     def step():
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):

@@ -174,9 +174,16 @@ def at_cells(maps, idx):
     return torch.gather(maps.flatten(2), 2, idx[:, None].expand(-1, maps.shape[1], -1))
 
 
+def take_rows(x, rows):
+    """x[rows] for sorted distinct row indices (nonzero()'s); x itself when they are all of its rows, which spares a
+    copy of x in the forward pass and a scatter of its gradient in the backward one."""
+    return x if len(rows) == len(x) else x[rows]
+
+
 def scatter_rows(x, rows, n):
-    """x [b, ...] computed on the batch's `rows` -> [n, ...] with zeros in the other rows."""
-    return x.new_zeros(n, *x.shape[1:]).index_copy(0, rows, x)
+    """x [b, ...] computed on the batch's sorted distinct `rows` -> [n, ...] with zeros in the other rows (x itself
+    when they are all n)."""
+    return x if len(rows) == n else x.new_zeros(n, *x.shape[1:]).index_copy(0, rows, x)
 
 
 class HCMoCo(nn.Module):
@@ -206,22 +213,23 @@ class HCMoCo(nn.Module):
             self.fine_to_coarse = nn.Linear(D, D)  # MMV's g_{va->vat}: RGB's global embedding into the coarse space
 
     # ------------------------------------------------------------------------------------------------ features
-    def features(self, batch, modality, rows=None):
+    def features(self, batch, modality, rows=None, dense=True):
         """The encoder's pooled features [b, C] (-> f^g) and dense map [b, D, H/4, W/4] before normalisation
-        (-> f^d) of 'rgb' or 'depth', for the batch's `rows` (default: all). HRNet: the mean and the 1x1 conv of the
-        merged multi-resolution map; depth goes through depth_input with the person mask `batch['mask']`. The
-        PointNet++ variant: pointnet_features, with `batch['intrinsics']`."""
-        rows = slice(None) if rows is None else rows
+        (-> f^d; None unless `dense`) of 'rgb' or 'depth', for the batch's sorted distinct `rows` (default: all).
+        HRNet: the mean and the 1x1 conv of the merged multi-resolution map; depth goes through depth_input with the
+        person mask `batch['mask']`. The PointNet++ variant: pointnet_features, with `batch['intrinsics']`."""
+        take = (lambda x: x) if rows is None else (lambda x: take_rows(x, rows))
         if modality == "rgb":
-            maps = merge_maps(self.encoders["rgb"](batch["rgb"][rows]))  # [b, C, h, w]
-            return maps.mean(dim=(2, 3)), self.dense_mappers["rgb"](maps)
+            maps = merge_maps(self.encoders["rgb"](take(batch["rgb"])))  # [b, C, h, w]
+            return maps.mean(dim=(2, 3)), self.dense_mappers["rgb"](maps) if dense else None
         if "mask" not in batch:
             raise KeyError("the depth encoder needs the person mask: batch['mask'] [B, H, W] bool")
-        depth, person = batch["depth"][rows], batch["mask"][rows, None]
+        depth, person = take(batch["depth"]), take(batch["mask"])[:, None]
         if self.cfg.depth_encoder == "pointnet":
-            return self.pointnet_features(depth, person, batch["intrinsics"][rows])
+            pooled, mapped = self.pointnet_features(depth, person, take(batch["intrinsics"]))
+            return pooled, mapped if dense else None
         maps = merge_maps(self.encoders["depth"](depth_input(depth, person)))
-        return maps.mean(dim=(2, 3)), self.dense_mappers["depth"](maps)
+        return maps.mean(dim=(2, 3)), self.dense_mappers["depth"](maps) if dense else None
 
     def pointnet_features(self, depth, person, intrinsics):
         """The PointNet++ variant as published (CMC3HRNetSGCNPN2SingleHead): PointNet++ on `pointnet_points` points
@@ -255,9 +263,10 @@ class HCMoCo(nn.Module):
         """L2-normalised dense embeddings f^d [B, D, H/4, W/4] of the batch's 'rgb' or 'depth', every row."""
         return F.normalize(self.features(batch, modality)[1], dim=1)
 
-    def embed(self, batch):
+    def embed(self, batch, dense=True):
         """Global [B, D], dense [B, D, h, w] and sparse [B, J, D] embeddings of every present modality, each
-        computed on its present rows only and scattered back to the batch (zeros elsewhere)."""
+        computed on its present rows only and scattered back to the batch (zeros elsewhere); the global ones alone
+        unless `dense` (the dense and sparse embeddings come from the dense maps)."""
         present = batch["present"]
         size = batch["rgb"].shape[-2:]
         B = len(batch["index"])
@@ -266,22 +275,23 @@ class HCMoCo(nn.Module):
             rows = present[m].nonzero().flatten()
             if len(rows) == 0:
                 continue
-            pooled, dense = self.features(batch, m, rows)  # [b, C], [b, D, h, w]
-            g = F.normalize(self.global_mappers[m](pooled), dim=-1)
-            d = F.normalize(dense, dim=1)
-            out["global"][m] = scatter_rows(g, rows, B)  # [B, D]
-            out["dense"][m] = scatter_rows(d, rows, B)  # [B, D, h, w]
-            out["sparse"][m] = scatter_rows(sample_at(d, batch["keypoints"][rows], size), rows, B)  # [B, J, D]
+            pooled, maps = self.features(batch, m, rows, dense)  # [b, C], [b, D, h, w]
+            out["global"][m] = scatter_rows(F.normalize(self.global_mappers[m](pooled), dim=-1), rows, B)  # [B, D]
+            if dense:
+                d = F.normalize(maps, dim=1)
+                out["dense"][m] = scatter_rows(d, rows, B)  # [B, D, h, w]
+                out["sparse"][m] = scatter_rows(sample_at(d, take_rows(batch["keypoints"], rows), size), rows, B)
         rows = present["keypoints"].nonzero().flatten()
         if len(rows):
-            vis = batch["keypoints_visible"][rows]  # [b, J]
+            vis = take_rows(batch["keypoints_visible"], rows)  # [b, J]
             mask = vis if self.cfg.keypoint_graph == "masked" else None
-            h = self.encoders["keypoints"](normalized_keypoints(batch["keypoints"][rows], vis), mask)  # [b, J, H]
+            keypoints = normalized_keypoints(take_rows(batch["keypoints"], rows), vis)  # [b, J, 2]
+            h = self.encoders["keypoints"](keypoints, mask)  # [b, J, H]
             pooled = (h * vis[..., None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)
             g = F.normalize(self.global_mappers["keypoints"](pooled), dim=-1)
-            s = F.normalize(h, dim=-1)
             out["global"]["keypoints"] = scatter_rows(g, rows, B)
-            out["sparse"]["keypoints"] = scatter_rows(s, rows, B)
+            if dense:
+                out["sparse"]["keypoints"] = scatter_rows(F.normalize(h, dim=-1), rows, B)
         return out
 
     # ----------------------------------------------------------------------------------------------- objective
@@ -291,7 +301,7 @@ class HCMoCo(nn.Module):
         `gather(tensor)`, under DDP, concatenates a tensor over ranks (with gradients to the owner): Eq. 2 then
         runs on the global batch so that every rank updates its memory bank identically."""
         cfg = self.cfg
-        emb = self.embed(batch)
+        emb = self.embed(batch, dense=cfg.dense != "none" or cfg.sparse)
         present, index = batch["present"], batch["index"]
         absent = batch["rgb"].new_zeros(len(index), cfg.embed_dim)
         feats = {m: emb["global"].get(m, absent) for m in MODALITIES}
@@ -337,7 +347,7 @@ class HCMoCo(nn.Module):
         rows, idx = self.dense_points(batch, rows, (h, w))  # [b], [b, N]
         if len(rows) == 0:
             return none
-        f1, f2 = (at_cells(dense[m][rows], idx).transpose(1, 2) for m in ("rgb", "depth"))  # [b, N, D]
+        f1, f2 = (at_cells(take_rows(dense[m], rows), idx).transpose(1, 2) for m in ("rgb", "depth"))  # [b, N, D]
         n = idx.shape[1]
         eye = torch.eye(n, dtype=torch.bool, device=idx.device)
         candidates = (idx[:, :, None] != idx[:, None, :]) | eye  # [b, N, N]

@@ -165,24 +165,56 @@ def cross_sample_joint_loss(joints, valid, tau=0.07):
     with s the cosine similarity. The published code keeps the anchor itself in its denominator; this follows
     the supervised-contrastive form (Khosla et al., 2020) and leaves it out.
 
+    Each anchor's term splits into lse_a - mean_{p in P(a)} s_ap/tau, lse_a = log sum_{c in C(a)} exp(s_ac/tau). The
+    positives' sum needs no [E, E] mask: sum_{p in P(a)} s_ap = <f_a, S_j - f_a> with S_j the sum of joint j's valid
+    entries, and |P(a)| = n_j - 1. Only lse needs the [E, E] similarities (_CandidateLogSumExp).
+
     joints: [B, M, J, C], valid: [B, M, J] bool -> scalar. Invalid entries take no part and get zero gradient.
     """
     B, M, J, C = joints.shape
     f = F.normalize(_full(joints).reshape(B * M * J, C), dim=-1)  # [E, C]
     valid = valid.reshape(-1)  # [E]
     joint = torch.arange(J, device=f.device).repeat(B * M)  # [E]
-
-    candidate = valid[:, None] & valid[None, :]  # [E, E]
-    candidate &= ~torch.eye(len(f), dtype=torch.bool, device=f.device)
-    positive = candidate & (joint[:, None] == joint[None, :])  # [E, E]
-
-    logits = (f @ f.T / tau).masked_fill(~candidate, float("-inf"))  # [E, E]
-    log_prob = logits.log_softmax(dim=-1).masked_fill(~positive, 0.0)  # -inf -> 0 keeps gradients finite
-    n_pos = positive.sum(dim=-1)  # [E]
+    members = F.one_hot(joint, J).to(f.dtype) * valid[:, None]  # [E, J]: the valid entries of each joint
+    n_pos = (members.sum(0)[joint] - 1) * valid  # [E] |P(a)|
     anchor = n_pos > 0
     if not anchor.any():
         return joints.sum() * 0.0
-    return -(log_prob.sum(dim=-1)[anchor] / n_pos[anchor]).mean()
+    positives = (f * ((members.T @ f)[joint] - f)).sum(-1) / tau  # [E] sum_{p in P(a)} s_ap / tau
+    nll = _CandidateLogSumExp.apply(f, valid, tau) - positives / n_pos.clamp(min=1)  # [E]
+    return nll[anchor].mean()
+
+
+class _CandidateLogSumExp(torch.autograd.Function):
+    """lse_a = log sum_{c in C(a)} exp(<f_a, f_c>/tau) for unit f [E, C], C(a) = the columns where `keep` [E] bool,
+    less a itself. With P the softmax of each row over C(a) and g = dL/dlse [E],
+
+        dL/df = (diag(g) P + (diag(g) P)^T) f / tau
+
+    The forward pass turns the similarities into P in place and keeps it alone for the backward pass, which scales
+    rows of [E, C] products instead of P: one [E, E] tensor where autograd through masked log-softmaxes made one per
+    operation. Every row needs a candidate (the
+    caller returns early when no anchor has a positive, and then every row has one). float32, also under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, f, keep, tau):
+        with torch.autocast(f.device.type, enabled=False):
+            p = (f / tau) @ f.T  # [E, E] s_ac / tau
+            p.masked_fill_(keep.logical_not()[None, :], float("-inf")).diagonal().fill_(float("-inf"))
+            lse = p.logsumexp(dim=-1)  # [E]
+            p.sub_(lse[:, None]).exp_()  # P, in place
+        ctx.save_for_backward(f, p)
+        ctx.tau = tau
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        f, p = ctx.saved_tensors
+        with torch.autocast(f.device.type, enabled=False):
+            g = (grad / ctx.tau)[:, None]  # [E, 1]
+            return g * (p @ f) + p.T @ (g * f), None, None
 
 
 def sparse_structure_loss(joints, keypoints, valid, tau=0.07):

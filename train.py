@@ -192,9 +192,15 @@ def build_model(cfg, stage, bank_size, device, log):
         for m in ("rgb", "depth"):
             report = model.encoders[m].load_pretrained(cfg.backbone_init, hrnet_prefixes(m))
             log(f"stage 1: {m} HRNet from {cfg.backbone_init}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
-    optimizer = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-                 if cfg.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4))
-    return model, optimizer
+    return model, make_optimizer(cfg, model.parameters())
+
+
+def make_optimizer(cfg, params):
+    """cfg.optimizer over `params`: SGD with momentum 0.9 as published, or AdamW fused into one kernel over all
+    parameters (CPU and CUDA; the per-parameter loop took 6x as long on CPU); weight decay 1e-4."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, fused=True)
 
 
 def stage_steps(cfg, stage, n):
@@ -330,6 +336,9 @@ def main(argv=None):
               f"{os.path.join(cfg.out, 'config.json')} when a stage trains):\n" + textwrap.fill(
                   " ".join(f"{k}={v}" for k, v in options(cfg).items()), 118, initial_indent="    ",
                   subsequent_indent="    "))
+        if cfg.precision == "bf16" and not cli.native_bf16(cfg.device):
+            print(f"note: --precision bf16 on a {cfg.device.upper()} without native bf16: it is emulated, several "
+                  "times slower than fp32 (--precision auto takes fp32 here)")
     with harness.interruptible(cfg, argv, rank, world):
         saved = pretrain(cfg, rank, world)
     if world > 1:

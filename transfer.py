@@ -145,7 +145,7 @@ class Task(NamedTuple):
         a cosine from cfg.lr to 0."""
         # AdamW rather than SGD: its step does not scale with the gradient, which under BatchNorm is ~1/||w|| and so
         # differs a hundredfold between a scratch backbone (official init, std 0.001) and a pre-trained one (README)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         model.train()
         batches = loader(labelled, cfg, True, cfg.steps, self.camera_frame)
         bar = tqdm(batches, total=cfg.steps, desc=cfg.task, dynamic_ncols=True)

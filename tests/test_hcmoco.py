@@ -41,6 +41,28 @@ def test_every_ablation_row_gives_its_terms_and_gradients(targets):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("all_present", [True, False])
+def test_global_only_embedding_skips_the_dense_maps_and_keeps_the_global_level(all_present):
+    """embed(dense=False), what a sample-level model's forward uses: the same global embeddings as embed(), with
+    every row present (no row selection) and with absent ones (rows taken and scattered back), and neither dense
+    mapper run."""
+    model = tiny(targets="global").eval()
+    batch = data.batch_rows(batch_of(), 0, 3) if all_present else batch_of()  # row 3 has no depth
+    assert batch["present"]["depth"].all() == all_present
+    calls = []
+    for mapper in model.dense_mappers.values():
+        mapper.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        alone = model.embed(batch, dense=False)
+        assert not calls and not alone["dense"] and not alone["sparse"]
+        full = model.embed(batch)
+    assert calls and set(alone["global"]) == set(full["global"])
+    for m in full["global"]:
+        torch.testing.assert_close(alone["global"][m], full["global"][m])
+    absent = ~batch["present"]["depth"]
+    assert torch.all(full["dense"]["depth"][absent] == 0) and torch.all(alone["global"]["depth"][absent] == 0)
+
+
 def test_depth_terms_vanish_without_depth_and_training_goes_on():
     model = tiny()
     batch = batch_of(n_indoor=1, n_wild=3)
