@@ -175,9 +175,9 @@ def at_cells(maps, idx):
 
 
 def take_rows(x, rows):
-    """x[rows] for sorted distinct row indices (nonzero()'s); x itself when they are all of its rows, which spares a
-    copy of x in the forward pass and a scatter of its gradient in the backward one."""
-    return x if len(rows) == len(x) else x[rows]
+    """x[rows] for sorted distinct row indices (nonzero()'s); x itself when rows is None or holds all of its rows,
+    which spares a copy of x in the forward pass and a scatter of its gradient in the backward one."""
+    return x if rows is None or len(rows) == len(x) else x[rows]
 
 
 def scatter_rows(x, rows, n):
@@ -218,15 +218,14 @@ class HCMoCo(nn.Module):
         (-> f^d; None unless `dense`) of 'rgb' or 'depth', for the batch's sorted distinct `rows` (default: all).
         HRNet: the mean and the 1x1 conv of the merged multi-resolution map; depth goes through depth_input with the
         person mask `batch['mask']`. The PointNet++ variant: pointnet_features, with `batch['intrinsics']`."""
-        take = (lambda x: x) if rows is None else (lambda x: take_rows(x, rows))
         if modality == "rgb":
-            maps = merge_maps(self.encoders["rgb"](take(batch["rgb"])))  # [b, C, h, w]
+            maps = merge_maps(self.encoders["rgb"](take_rows(batch["rgb"], rows)))  # [b, C, h, w]
             return maps.mean(dim=(2, 3)), self.dense_mappers["rgb"](maps) if dense else None
         if "mask" not in batch:
             raise KeyError("the depth encoder needs the person mask: batch['mask'] [B, H, W] bool")
-        depth, person = take(batch["depth"]), take(batch["mask"])[:, None]
+        depth, person = take_rows(batch["depth"], rows), take_rows(batch["mask"], rows)[:, None]
         if self.cfg.depth_encoder == "pointnet":
-            pooled, mapped = self.pointnet_features(depth, person, take(batch["intrinsics"]))
+            pooled, mapped = self.pointnet_features(depth, person, take_rows(batch["intrinsics"], rows))
             return pooled, mapped if dense else None
         maps = merge_maps(self.encoders["depth"](depth_input(depth, person)))
         return maps.mean(dim=(2, 3)), self.dense_mappers["depth"](maps) if dense else None

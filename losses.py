@@ -193,8 +193,8 @@ class _CandidateLogSumExp(torch.autograd.Function):
 
     The forward pass turns the similarities into P in place and keeps it alone for the backward pass, which scales
     rows of [E, C] products instead of P: one [E, E] tensor where autograd through masked log-softmaxes made one per
-    operation. Every row needs a candidate (the
-    caller returns early when no anchor has a positive, and then every row has one). float32, also under autocast.
+    operation. Every row needs a candidate (the caller returns early when no anchor has a positive, and then every
+    row has one). float32, also under autocast.
     """
 
     @staticmethod
