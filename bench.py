@@ -263,10 +263,12 @@ def preset_step(cfg, stage, bf16, channels_last=False):
     return step, counter.get_total_flops()
 
 
-def bench_train():
+def bench_train(cfg=None):
     """The preset's training step against the machine's limit: its FLOPs, its time in fp32 and bf16 (with and
     without channels_last), the resulting FLOP throughput and model-FLOP utilisation (MFU: throughput / the bf16
-    matrix-product peak, or fp32's where the device has no native bf16); then where a step of the default run goes."""
+    matrix-product peak, or fp32's where the device has no native bf16); then where a step of the default run goes.
+    `cfg` (a train.Config) replaces the device's preset. Returns the steps measured, one dict per table row (stage,
+    bf16, channels_last, flops, seconds), and the parts of a stage-2 step, {part: seconds}."""
     import time as clock
 
     import cli
@@ -274,24 +276,26 @@ def bench_train():
     import harness
     import train
     preset = "paper" if DEVICE.type == "cuda" else "cpu"
-    cfg = replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=4096,
-                  batch_size=56 if DEVICE.type == "cuda" else train.PRESETS[preset].batch_size)
+    cfg = cfg or replace(train.PRESETS[preset], device=DEVICE.type, synthetic_samples=4096,
+                         batch_size=56 if DEVICE.type == "cuda" else train.PRESETS[preset].batch_size)
     native = cli.native_bf16(DEVICE.type)
     peak = {"fp32": matmul_peak(torch.float32), **({"bf16": matmul_peak(torch.bfloat16)} if native else {})}
     limit = peak.get("bf16", peak["fp32"])
     print(f"matrix-product peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
-    print(f"preset {preset}: HRNet {cfg.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}; MFU against "
+    print(f"preset {cfg.preset}: HRNet {cfg.model.hrnet}, {cfg.image_size} px, batch {cfg.batch_size}; MFU against "
           f"{'bf16' if native else 'fp32'} {limit:.0f} GFLOP/s")
-    rows = []
+    steps = []
     for stage in (1, 2):
         for bf16, cl in ((False, False), (False, True), (True, False), (True, True)):
             if bf16 and not native:
                 continue
             step, flops = preset_step(cfg, stage, bf16, cl)
             t = timeit(step, warmup=1, iters=3 if DEVICE.type == "cpu" else 10)
-            rows.append([stage, "bf16" if bf16 else "fp32", "yes" if cl else "no", f"{flops / 1e9:.1f}",
-                         f"{t:.3f}", f"{flops / t / 1e9:.0f}", f"{100 * flops / t / 1e9 / limit:.0f} %"])
-    table(rows, ["stage", "precision", "channels_last", "GFLOP/step", "seconds", "GFLOP/s", "MFU"])
+            steps.append(dict(stage=stage, bf16=bf16, channels_last=cl, flops=flops, seconds=t))
+    table([[s["stage"], "bf16" if s["bf16"] else "fp32", "yes" if s["channels_last"] else "no",
+            f"{s['flops'] / 1e9:.1f}", f"{s['seconds']:.3f}", f"{s['flops'] / s['seconds'] / 1e9:.0f}",
+            f"{100 * s['flops'] / s['seconds'] / 1e9 / limit:.0f} %"] for s in steps],
+          ["stage", "precision", "channels_last", "GFLOP/step", "seconds", "GFLOP/s", "MFU"])
 
     # where a step of the default run goes: the parts timed on their own, the monitors and the checkpoint once per
     # eval_every / save_every steps
@@ -321,6 +325,7 @@ def bench_train():
     total = sum(t for _, t in parts)
     print(f"\na stage-2 step of the default run: {total:.3f} s, {flops / total / 1e9:.0f} GFLOP/s")
     table([[name, f"{t * 1000:.1f}", f"{100 * t / total:.0f} %"] for name, t in parts], ["part", "ms", "share"])
+    return steps, dict(parts)
 
 
 def bench_run(folder):
