@@ -429,3 +429,75 @@ def test_image_bootstrap_interval_of_a_miou_difference():
     assert abs(d["mean"] - want) < 1e-4 and 0 < d["lo"] < d["mean"] < d["hi"] and d["n"] == 40
     same = experiments.image_bootstrap(a, a)
     assert same["lo"] == same["hi"] == same["mean"] == 0.0
+
+
+def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
+    """summarise and results_markdown on made-up metrics for the whole grid. Each run's mIoU is its arm's offset
+    plus a level its (label subset, seed) pair shares with every arm: paired, every gain is the offsets' difference
+    with an interval of width 0 and every pair won; paired wrongly, the levels would spread it. The probes' steps
+    are image bootstraps of their per-image counts, the noise floor the spreads of the seeds, and the versatility
+    table reads each head on the modality it is tested on."""
+    ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
+             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2")}
+    runs = experiments.grid(ckpts, quick=False)
+    offset = {"scratch": 10.0, "CMC": 13.0, "MMV": 14.0, "HCMoCo": 16.0, "global": 14.5, "hard": 15.0, "soft": 15.25}
+    iou = {"random": 0.2, "pixels": 0.1, "CMC": 0.3, "MMV": 0.35, "global": 0.4, "hard": 0.5, "soft": 0.45,
+           "full": 0.6, "seed1": 0.55, "seed2": 0.62}
+
+    def level(run):  # shared by every arm on the same label subset and seed; different between pairs
+        return 3.0 * run.subset + 0.5 * run.seed + (1.0 if run.task == "depth-parsing" else 0.0)
+
+    def counts(q):  # 5 images, 2 classes, each IoU q: [5, 3, 2] (intersection, union, truth)
+        return torch.tensor([[100 * q, 100 * q], [100.0, 100.0], [80.0, 60.0]]).expand(5, 3, 2)
+
+    def made_up(run):
+        if run.group == "probe":
+            return dict(metrics=dict(miou=100 * iou[run.arm]), counts=dict(per_image=counts(iou[run.arm])))
+        if run.group == "versatility":
+            k = {"none": 0.0, "CMC": 10.0, "HCMoCo": 20.0}[run.arm] + (100.0 if run.protocol == "ours" else 0.0)
+            if run.task == "cross-modal":  # the trained-on modality scores 1 more than the tested one
+                return dict(metrics={f"{run.target}_miou": k + (1 if run.source == "rgb" else 3),
+                                     f"{run.source}_miou": k + (2 if run.source == "rgb" else 4)}, counts=None)
+            return dict(metrics=dict(rgb_miou=k + 5, depth_miou=k + 6, fused_miou=k + 7), counts=None)
+        if run.group == "curve":
+            return dict(metrics=dict(miou=offset[run.arm] + level(run) - 5.0), counts=None)
+        high = run.ratio == experiments.HIGH
+        return dict(metrics=dict(miou=offset[run.arm] + (100.0 if high else level(run))), counts=None)
+
+    s = experiments.summarise({run: made_up(run) for run in runs}, main_steps=300)
+    levels = [level(r) for r in runs if r.group == "table2" and r.task == "rgb-parsing" and r.arm == "scratch"
+              and r.ratio == experiments.LOW]
+    assert len(levels) == 6 and len(set(levels)) == 6
+    for task, extra in (("rgb-parsing", 0.0), ("depth-parsing", 1.0)):
+        for a, b in (("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("HCMoCo", "MMV"), ("CMC", "scratch")):
+            g = s["gains"][f"{task}/{a}-{b}"]
+            assert g["mean"] == pytest.approx(offset[a] - offset[b]) and g["n"] == 6 and g["wins"] == 1.0
+            assert g["lo"] == pytest.approx(g["mean"]) and g["hi"] == pytest.approx(g["mean"])
+        row = s["table2"][f"{task}/HCMoCo"]
+        assert row["low"] == pytest.approx(16.0 + sum(levels) / 6 + extra) and row["high"] == 116.0
+        assert row["low_sd"] == pytest.approx(float(torch.tensor(levels).std(correction=0)))
+        for row, prev in experiments.STEPS:
+            g = s["ladder"][f"{task}/{row}-{prev}"]
+            want = offset["HCMoCo" if row == "full" else row] - offset[prev]
+            assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((want, want, want))
+        assert s["curves"][f"{task}/scratch/100"] == pytest.approx(10.0 + 3.0 + extra - 5.0)  # subset 1, seed 0
+        assert s["noise"][f"{task}/finetune-seed"] == pytest.approx(0.5)
+    for modality in ("rgb", "depth"):
+        for row, prev in experiments.STEPS:
+            g = s["ladder"][f"{modality}-probe/{row}-{prev}"]
+            want = 100 * (iou[row] - iou[prev])
+            assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((want, want, want)) and g["n"] == 5
+        assert s["noise"][f"{modality}-probe"]["values"] == pytest.approx([60.0, 55.0, 62.0])
+        assert s["noise"][f"{modality}-probe"]["spread"] == pytest.approx(7.0)
+    assert s["versatility"]["published/HCMoCo"] == dict(rgb_to_depth=21, rgb_to_rgb=22, depth_to_rgb=23,
+                                                        depth_to_depth=24, missing_rgb=25, missing_depth=26,
+                                                        missing_fused=27)
+    assert set(s["versatility"]) == {"published/none", "published/CMC", "published/HCMoCo", "ours/none",
+                                     "ours/HCMoCo"}
+    md = experiments.results_markdown(s)
+    assert "| HCMoCo − scratch | +6.0 [+6.0, +6.0], 6/6 | +6.0 [+6.0, +6.0], 6/6 |" in md
+    assert "| HCMoCo | 60.0 | 60.0 |" in md and "| random network, same init | 20.0 | 20.0 |" in md
+    soft_over_hard = ("| &nbsp;&nbsp; gain over the hard row | -5.0 [-5.0, -5.0] | -5.0 [-5.0, -5.0] | "
+                      "+0.2 [+0.2, +0.2], 6/6")
+    assert soft_over_hard in md
+    assert "| published: HCMoCo | 21.0 (22.0) | 23.0 (24.0) | 25.0 | 26.0 | 27.0 |" in md
