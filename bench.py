@@ -328,11 +328,15 @@ def bench_train(cfg=None):
     return steps, dict(parts)
 
 
-def bench_run(folder):
+RETRIEVAL_GROUPS = 8
+
+
+def bench_run(folder, groups=RETRIEVAL_GROUPS):
     """The whole-run FLOP throughput of a finished train.py run: every step's FLOPs (counted on its config, per
     stage) over the run's wall time from its log (the time column of each stage's last row). The config comes from
     the last stage file: its train options beside the model config the stage built, which a run written before the
-    model became one field of train.Config also records."""
+    model became one field of train.Config also records. Returns (FLOPs, seconds of training, the held-out
+    retrieval of each of `groups` groups of 256 people)."""
     from dataclasses import fields
 
     import harness
@@ -363,18 +367,18 @@ def bench_run(folder):
     seen = [r for r in rows if "retrieval" in r]
     table([[r["stage"], r["step"], f"{(offset[r['stage']] + r['time']) / 60:.1f}", f"{100 * r['retrieval']:.1f}"]
            for r in seen], ["stage", "step", "minutes of training", "held-out RGB -> depth top-1 (%)"])
-    mean, low, high = heldout_retrieval(final, cfg.image_size)
-    print(f"{final}: held-out RGB -> depth top-1 among 256 people, over {RETRIEVAL_GROUPS} groups of 256 "
-          f"({RETRIEVAL_GROUPS * 256} people, the first the monitors'): {mean:.1f} % (groups {low:.1f}-{high:.1f} %)")
+    top1 = heldout_retrieval(final, cfg.image_size, groups)
+    print(f"{final}: held-out RGB -> depth top-1 among 256 people, over {len(top1)} groups of 256 "
+          f"({len(top1) * 256} people, the first the monitors'): {statistics.mean(top1):.1f} % "
+          f"(groups {min(top1):.1f}-{max(top1):.1f} %)")
+    return total_flops, total_time, top1
 
-
-RETRIEVAL_GROUPS = 8
 
 
 def heldout_retrieval(path, image_size, groups=RETRIEVAL_GROUPS, size=256):
     """The monitors' retrieval (RGB -> depth top-1 of the global embeddings among `size` held-out people) of the
-    stage file at `path`, in `groups` disjoint groups of people never trained on, the first the monitors' own:
-    (mean, min, max) in percent. One group of 256 has a sampling error of ~3 points at 50 %; the mean of 8, ~1."""
+    stage file at `path`, in `groups` disjoint groups of people never trained on, the first the monitors' own: each
+    group's, in percent. One group of 256 has a sampling error of ~3 points at 50 %; the mean of 8, ~1."""
     import data
     from hcmoco import HCMoCo
     model = HCMoCo.from_checkpoint(path).to(DEVICE).eval()
@@ -385,7 +389,7 @@ def heldout_retrieval(path, image_size, groups=RETRIEVAL_GROUPS, size=256):
             g = model.embed(data.batch_rows(batch, i, i + size))["global"]
             hits = (g["rgb"] @ g["depth"].T).argmax(1) == torch.arange(size, device=DEVICE)  # [size]
             top1.append(100 * hits.float().mean().item())
-    return statistics.mean(top1), min(top1), max(top1)
+    return top1
 
 
 SECTIONS = {"losses": bench_losses, "encoders": bench_encoders, "synthetic": bench_synthetic, "train": bench_train}

@@ -1,4 +1,5 @@
-"""bench.py: the train section runs on the preset's current configuration and counts what a step computes."""
+"""bench.py: the train section and --run read the configuration they are given and count what a step computes."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -25,3 +26,24 @@ def test_train_section_counts_a_step_the_same_in_every_precision_and_layout(caps
     out = capsys.readouterr().out
     assert f"preset cpu: HRNet {cpu.model.hrnet}, {cfg.image_size} px, batch 4" in out
     assert "a stage-2 step of the default run" in out
+
+
+@pytest.mark.slow
+def test_a_runs_throughput_counts_its_steps_on_its_own_config_and_its_first_retrieval_group_is_the_monitors(tmp_path):
+    """bench.py --run rebuilds the run's config from its stage file: the FLOPs are each stage's steps times the FLOPs
+    of a step of the model the run trained (here 4 channels wide, not the preset's), over the training time its log
+    records; its first group of held-out people is the monitors' own, so it reads what the run's last monitor read."""
+    args = ["--image-size", "40", "--width", "4", "--batch-size", "4", "--synthetic-samples", "12", "--workers", "0",
+            "--preset", "cpu", "--heldout", "256", "--stage", "2", "--steps", "2", "--out", str(tmp_path)]
+    train.main(args)
+    flops, seconds, top1 = bench.bench_run(str(tmp_path), groups=2)
+    cfg = train.parse_args(args)
+    assert cfg.model.width == 4
+    want = sum(train.stage_steps(cfg, stage, cfg.synthetic_samples) * bench.preset_step(cfg, stage, False)[1]
+               for stage in (1, 2))
+    assert flops == want
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert seconds == pytest.approx(sum(max(r["time"] for r in rows if r["stage"] == s) for s in (1, 2)))
+    monitor = [r for r in rows if "retrieval" in r][-1]
+    assert monitor["stage"] == 2 and len(top1) == 2
+    assert top1[0] == pytest.approx(100 * monitor["retrieval"], abs=0.01)  # the log keeps 4 decimals
