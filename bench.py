@@ -374,7 +374,6 @@ def bench_run(folder, groups=RETRIEVAL_GROUPS):
     return total_flops, total_time, top1
 
 
-
 def heldout_retrieval(path, image_size, groups=RETRIEVAL_GROUPS, size=256):
     """The monitors' retrieval (RGB -> depth top-1 of the global embeddings among `size` held-out people) of the
     stage file at `path`, in `groups` disjoint groups of people never trained on, the first the monitors' own: each
