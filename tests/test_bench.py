@@ -1,11 +1,11 @@
 """bench.py: the train section and --run read the configuration they are given and count what a step computes."""
-import json
 from dataclasses import replace
 
 import pytest
 
 import bench
 import cli
+import harness
 import train
 
 
@@ -42,7 +42,7 @@ def test_a_runs_throughput_counts_its_steps_on_its_own_config_and_its_first_retr
     want = sum(train.stage_steps(cfg, stage, cfg.synthetic_samples) * bench.preset_step(cfg, stage, False)[1]
                for stage in (1, 2))
     assert flops == want
-    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    rows = harness.read_log(str(tmp_path))
     assert seconds == pytest.approx(sum(max(r["time"] for r in rows if r["stage"] == s) for s in (1, 2)))
     monitor = [r for r in rows if "retrieval" in r][-1]
     assert monitor["stage"] == 2 and len(top1) == 2
