@@ -79,7 +79,7 @@ class Config:
     steps: int | None = None  # per stage, instead of the epochs (smoke runs)
     batch_size: int = 64  # global, over all ranks
     optimizer: Literal["sgd", "adamw"] = "adamw"  # SGD with momentum 0.9 (published) or AdamW; weight decay 1e-4
-    lr: float = 3e-3  # the peak learning rate of each stage, on a cosine to 0
+    lr: float = 1e-2  # the peak learning rate of each stage, on a cosine to 0
     warmup: int = 20  # linear learning-rate warm-up steps per stage, under the cosine schedule
     # 'step': a cosine over the steps down to 0; 'epoch': as published, constant within epoch e = 1..E at
     # lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2 with lr_min = lr x 1e-3 (learning_rate)

@@ -43,7 +43,7 @@ def test_help_lists_the_options_with_their_meaning_and_defaults():
     assert set(train.cli.field_comments(train.Config)) == {f.name for f in dataclasses.fields(train.Config)}
     assert set(train.MODEL_OPTIONS) <= set(train.cli.field_comments(hcmoco.HCMoCoConfig))
     words = " ".join(out.split())
-    for line in ("--lr LR the peak learning rate of each stage, on a cosine to 0 (default: 0.003, paper preset 0.03)",
+    for line in ("--lr LR the peak learning rate of each stage, on a cosine to 0 (default: 0.01, paper preset 0.03)",
                  "--preset {auto,cpu,paper} the other options' defaults; auto: paper on a GPU, else cpu (default: auto)",
                  "--heldout HELDOUT held-out people the monitors embed (default: 256)"):
         assert line in words, line
@@ -143,7 +143,7 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
     files = {p: p.read_bytes() for p in (b / "stage1.pt", b / "stage2.pt", b / "config.json", b / "log.jsonl")}
     monkeypatch.setattr(train, "build_dataset", None)  # a refused run builds nothing and trains nothing
     for args, changed in ((["--targets", "global+soft"], "--targets global+hard -> global+soft"),
-                          (["--targets", "global+hard", "--lr", "0.1"], "--lr 0.003 -> 0.1"),
+                          (["--targets", "global+hard", "--lr", "0.1"], "--lr 0.01 -> 0.1"),
                           (["--targets", "global+hard", "--width", "8"], "--width 4 -> 8"),
                           (["--targets", "global+hard", "--soft-width", "0.3"], "--soft-width 0.5 -> 0.3")):
         with pytest.raises(SystemExit) as e:
@@ -161,10 +161,10 @@ def test_a_stage_file_is_reused_only_with_the_options_that_shaped_it(tmp_path, c
         assert ckpt["done"] and ckpt["config"]["train"]["lr"] == 0.1
     assert config(b)["lr"] == 0.1 and config(b)["model"]["dense_points"] == 48
     # a stage 1 trained again outdates the stage 2 beside it, even when this run stops at stage 1
-    with pytest.raises(SystemExit, match="stage1.pt was trained with other options \\(--lr 0.1 -> 0.003\\)"):
+    with pytest.raises(SystemExit, match="stage1.pt was trained with other options \\(--lr 0.1 -> 0.01\\)"):
         run(b, "--stage", "1", "--steps", "2")
     run(b, "--stage", "1", "--steps", "2", "--overwrite")
-    assert not (b / "stage2.pt").exists() and config(b)["lr"] == 0.003
+    assert not (b / "stage2.pt").exists() and config(b)["lr"] == 0.01
     torch.testing.assert_close(weights(b / "stage1.pt"), s1)  # the same options train the same weights
 
 
@@ -235,7 +235,7 @@ def test_an_unfinished_stage_is_continued_only_on_request_and_only_with_its_opti
     with pytest.raises(SystemExit) as e:
         run(out, "--stage", "1", "--steps", "2", "--resume", "--lr", "0.1", "--batch-size", "2")
     assert str(e.value.code) == (f"error: {out / 'stage1.pt'} was trained with other options (--batch-size 4 -> 2, "
-                                 "--lr 0.003 -> 0.1): give the same options to continue it, or give another --out, "
+                                 "--lr 0.01 -> 0.1): give the same options to continue it, or give another --out, "
                                  "or --overwrite to discard it")
     assert ((out / "stage1.pt").read_bytes(), (out / "log.jsonl").read_bytes()) == before
     capsys.readouterr()
