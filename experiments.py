@@ -1,11 +1,12 @@
 """The paper's comparisons on the synthetic benchmark, with repeats and intervals; resumable (a finished pre-training
-stage or a run with a metrics.json is not redone).
+stage or a run with a metrics.json is not redone; one made with other options stops the runner).
 
     python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
 
 Pre-training (train.py's CPU preset): one stage 1, then a stage 2 per row of Table 3 from it; the whole
 pre-training again with two more seeds (the noise floor); the sample-level baselines, each a stage 1 as long as
-HCMoCo's two stages together (the same steps): CMC (Eq. 2) and MMV (--global-loss mmv); with --backbone-init, the
+HCMoCo's two stages together (the same steps) at its own best peak rate (BASELINE_LR): CMC (Eq. 2) and MMV
+(--global-loss mmv); with --backbone-init, the
 whole pre-training once more from those weights (the paper's Ours* vs Ours: ImageNet init vs none).
 Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
 subsets x 2 seeds, so every comparison is paired:
@@ -50,6 +51,7 @@ SHORT = {"global": "sample-level", "hard": "hard", "soft": "soft"}
 STEPS = (("hard", "global"), ("soft", "global"), ("soft", "hard"), ("full", "soft"))
 PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
+BASELINE_LR = 3e-3  # CMC's and MMV's peak rate: each retrieves and fine-tunes best at it (README, Table 2)
 NOISE_SEEDS = (1, 2)  # the full pre-training again with these seeds: the noise floor
 CURVE_STEPS = 100  # the curves' shorter fine-tuning budget
 # --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
@@ -117,10 +119,11 @@ def pretraining(opts, quick):
             shutil.copy(os.path.join(first, "stage1.pt"), out)
         jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
         ckpts[name] = os.path.join(out, "stage2.pt")
-    # the sample-level methods: one stage of their objective for as many steps as HCMoCo's two stages
+    # the sample-level methods: one stage of their objective for as many steps as HCMoCo's two stages, each at
+    # the rate it learns best at rather than HCMoCo's, so that Table 2 compares against their best
     for arm, loss in (("CMC", base.model.global_loss), ("MMV", "mmv")):
         out = os.path.join(pre, arm.lower())
-        jobs.append(("train", replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs,
+        jobs.append(("train", replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs, lr=BASELINE_LR,
                                       steps=base.steps and 2 * base.steps, model=replace(base.model, global_loss=loss),
                                       out=out)))
         ckpts[arm] = os.path.join(out, "stage1.pt")
@@ -184,8 +187,9 @@ def experiments(opts):
     ckpts = pretraining(opts, quick)
     runs = grid(ckpts, quick)
     sizes = QUICK_FINETUNE if quick else {}
-    jobs = [("finetune", finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0))
-            for run, config in runs.items() if not os.path.exists(os.path.join(opts.out, run.folder, "metrics.json"))]
+    configs = {run: finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0)
+               for run, config in runs.items()}
+    jobs = [("finetune", cfg) for cfg in configs.values() if not finished(cfg)]
     run_jobs(jobs, opts.jobs, f"fine-tuning and probes ({len(runs) - len(jobs)} of {len(runs)} runs already done)")
     measured = {run: read_run(os.path.join(opts.out, run.folder)) for run in runs}
     summary = summarise(measured, QUICK_FINETUNE["steps"] if quick else finetune.Config.steps)
@@ -195,6 +199,27 @@ def experiments(opts):
     with open(os.path.join(opts.out, "results.md"), "w") as f:
         f.write(table)
     print(table)
+
+
+FINETUNE_RUN_OPTIONS = ("out", "workers", "device")  # how a fine-tuning run ran, not what it measured
+
+
+def finished(cfg):
+    """Whether the run of this finetune.Config is done: its folder has a metrics.json written with the same options
+    (FINETUNE_RUN_OPTIONS aside). A metrics.json of other options raises CheckpointError naming the run and the
+    option, since taking it as done would put another experiment's number in the tables."""
+    path = os.path.join(cfg.out, "metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        ran = json.load(f)["config"]
+    asked = asdict(cfg)
+    changed = [f"--{k.replace('_', '-')} {ran.get(k)} -> {v}" for k, v in asked.items()
+               if k not in FINETUNE_RUN_OPTIONS and ran.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{path} was measured with other options than this runner asks for ({', '.join(changed)})"
+                              f"; delete its folder to run it again")
+    return True
 
 
 def read_run(folder):
@@ -382,7 +407,7 @@ def main(argv=None):
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         experiments(opts)
-    except CheckpointError as e:  # a stage file in --out
+    except CheckpointError as e:  # a stage file or a finished run in --out made with other options
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C: the finished runs and stages are whole on disk
         print(f"\ninterrupted; the same command continues where it stopped (finished runs in {opts.out} are kept, an "

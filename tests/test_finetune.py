@@ -271,11 +271,33 @@ def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
                                                     "[2/2] finetune b"]
 
 
+def test_the_runner_takes_a_finished_run_as_done_only_if_it_ran_the_options_asked_for(tmp_path):
+    """A run folder without metrics.json is to run; one whose metrics.json holds the same options is done, however it
+    was run (folder, loader processes, device); one of other options stops the runner with one line naming the file
+    and the option, rather than putting another experiment's number in the tables."""
+    cfg = finetune.Config(task="depth-parsing", init="a/stage1.pt", ratio=0.05, subset=2, out=str(tmp_path / "run"),
+                          workers=0)
+    assert not experiments.finished(cfg)
+    os.makedirs(cfg.out)
+
+    def measured(**changes):
+        config = dict(dataclasses.asdict(cfg), **changes)
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps(dict(miou=20.0, config=config)))
+
+    measured(out="elsewhere", workers=2, device="cpu")
+    assert experiments.finished(cfg)
+    measured(lr=3e-3, init="b/stage1.pt")
+    with pytest.raises(experiments.CheckpointError) as e:
+        experiments.finished(cfg)
+    assert str(tmp_path / "run" / "metrics.json") in str(e.value) and "--lr 0.003 -> 0.001" in str(e.value)
+    assert "--init b/stage1.pt -> a/stage1.pt" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmocos_two(tmp_path, monkeypatch, quick):
     """CMC and MMV are each one stage 1 of their sample-level objective (the preset's Eq. 2, MMV's in its place),
-    otherwise with HCMoCo's options, for the steps of HCMoCo's stage 1 and stage 2 together; each stage file, in a
-    folder of its own, is its arm's init."""
+    otherwise with HCMoCo's options but the baselines' own peak rate, for the steps of HCMoCo's stage 1 and stage 2
+    together; each stage file, in a folder of its own, is its arm's init."""
     jobs = []
     monkeypatch.setattr(experiments, "run_jobs", lambda batch, n, what: jobs.extend(batch))
     first = tmp_path / "pretrain" / "full"
@@ -290,7 +312,9 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
     assert dataclasses.replace(mmv, model=cmc.model, out=cmc.out) == cmc
     n = cmc.synthetic_samples
     assert train.stage_steps(cmc, 1, n) == train.stage_steps(hcmoco, 1, n) + train.stage_steps(full, 2, n)
-    assert dataclasses.replace(cmc, stage1_epochs=hcmoco.stage1_epochs, steps=hcmoco.steps, out=hcmoco.out) == hcmoco
+    assert cmc.lr == experiments.BASELINE_LR != hcmoco.lr
+    assert dataclasses.replace(cmc, stage1_epochs=hcmoco.stage1_epochs, steps=hcmoco.steps, lr=hcmoco.lr,
+                               out=hcmoco.out) == hcmoco
     assert (ckpts["CMC"], ckpts["MMV"]) == (os.path.join(cmc.out, "stage1.pt"), os.path.join(mmv.out, "stage1.pt"))
 
 
