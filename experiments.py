@@ -206,16 +206,17 @@ FINETUNE_RUN_OPTIONS = ("out", "workers", "device")  # how a fine-tuning run ran
 
 def finished(cfg):
     """Whether the run of this finetune.Config is done: its folder has a metrics.json written with the same options
-    (FINETUNE_RUN_OPTIONS aside). A metrics.json of other options raises CheckpointError naming the run and the
-    option, since taking it as done would put another experiment's number in the tables."""
+    (FINETUNE_RUN_OPTIONS and the options its task does not read aside). A metrics.json of other options raises
+    CheckpointError naming the run and the option, since taking it as done would put another experiment's number
+    in the tables."""
     path = os.path.join(cfg.out, "metrics.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:
         ran = json.load(f)["config"]
-    asked = asdict(cfg)
-    changed = [f"--{k.replace('_', '-')} {ran.get(k)} -> {v}" for k, v in asked.items()
-               if k not in FINETUNE_RUN_OPTIONS and ran.get(k) != v]
+    unread = {k for k, (ignored, _) in finetune.unread_options(cfg).items() if ignored}
+    changed = [f"--{k.replace('_', '-')} {ran.get(k)} -> {v}" for k, v in asdict(cfg).items()
+               if k not in FINETUNE_RUN_OPTIONS and k not in unread and ran.get(k) != v]
     if changed:
         raise CheckpointError(f"{path} was measured with other options than this runner asks for ({', '.join(changed)})"
                               f"; delete its folder to run it again")

@@ -195,7 +195,7 @@ class Config:
     out: str | None = None  # the run's folder (default: runs/finetune/<task>/<init>)
     steps: int = 300  # fine-tuning steps (a probe: the steps of each of its fits)
     batch_size: int = 8  # images per step
-    lr: float = 1e-3  # AdamW's peak learning rate, on a cosine to 0
+    lr: float = 3e-3  # AdamW's peak learning rate, on a cosine to 0: scratch parses best at it (docs/findings.md)
     weight_decay: float = 1e-4  # AdamW's
     image_size: int = 96  # pixels, square
     train_samples: int = 400  # labelled synthetic training people, before --ratio
@@ -222,17 +222,7 @@ def parse_args(argv=None):
     task = TASKS[cfg.task]
     probe = isinstance(task, ProbeTask)
     roots = [option for option, _ in (H36M, NTU, ITOP)]
-    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r in roots}
-    unread = {  # option: (the run would ignore it, why)
-        "source": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
-        "target": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
-        "contrast": (not isinstance(task, VersatilityTask), "only --task cross-modal and missing-modal read it"),
-        "scratch_init": (cfg.start is not Start.SCRATCH, "only --init scratch reads it"),
-        "lr": (probe, f"the probes choose their learning rate among {', '.join(map(str, PROBE_LRS))} on held-out "
-                      "labels"),
-        "weight_decay": (probe, "the probes do not read it (theirs is 1e-4)"),
-        **{r: (cfg.task not in tasks, f"--task {cfg.task} does not read it (--task {' / '.join(tasks)} does)")
-           for r, tasks in readers.items()}}
+    unread = unread_options(cfg)
     # the probe holds a fifth of its labelled images (at least one) out to choose its learning rate
     labelled = len(subset_indices(cfg.train_samples, cfg.ratio)) if cfg.train_samples > 0 else 0
     cli.check(parser, [
@@ -253,6 +243,23 @@ def parse_args(argv=None):
         cli.image_size_check(cfg.image_size)])
     cli.check(parser, [cli.out_check(cfg.out)])  # last: it makes the folder
     return cfg
+
+
+def unread_options(cfg):
+    """{option: (the run of cfg ignores it, why)} for the options that only some runs read."""
+    task = TASKS[cfg.task]
+    probe = isinstance(task, ProbeTask)
+    readers = {r: [t for t, v in TASKS.items() if r in dict(v.real)] for r, _ in (H36M, NTU, ITOP)}
+    return {
+        "source": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "target": (cfg.task != "cross-modal", "only --task cross-modal reads it"),
+        "contrast": (not isinstance(task, VersatilityTask), "only --task cross-modal and missing-modal read it"),
+        "scratch_init": (cfg.start is not Start.SCRATCH, "only --init scratch reads it"),
+        "lr": (probe, f"the probes choose their learning rate among {', '.join(map(str, PROBE_LRS))} on held-out "
+                      "labels"),
+        "weight_decay": (probe, "the probes do not read it (theirs is 1e-4)"),
+        **{r: (cfg.task not in tasks, f"--task {cfg.task} does not read it (--task {' / '.join(tasks)} does)")
+           for r, tasks in readers.items()}}
 
 
 def default_out(cfg):

@@ -273,8 +273,9 @@ def test_the_experiment_runner_shows_its_progress(monkeypatch, capsys):
 
 def test_the_runner_takes_a_finished_run_as_done_only_if_it_ran_the_options_asked_for(tmp_path):
     """A run folder without metrics.json is to run; one whose metrics.json holds the same options is done, however it
-    was run (folder, loader processes, device); one of other options stops the runner with one line naming the file
-    and the option, rather than putting another experiment's number in the tables."""
+    was run (folder, loader processes, device) and whatever the options its task does not read; one of other
+    options stops the runner with one line naming the file and the option, rather than putting another
+    experiment's number in the tables."""
     cfg = finetune.Config(task="depth-parsing", init="a/stage1.pt", ratio=0.05, subset=2, out=str(tmp_path / "run"),
                           workers=0)
     assert not experiments.finished(cfg)
@@ -286,11 +287,17 @@ def test_the_runner_takes_a_finished_run_as_done_only_if_it_ran_the_options_aske
 
     measured(out="elsewhere", workers=2, device="cpu")
     assert experiments.finished(cfg)
-    measured(lr=3e-3, init="b/stage1.pt")
+    measured(lr=0.5, init="b/stage1.pt")
     with pytest.raises(experiments.CheckpointError) as e:
         experiments.finished(cfg)
-    assert str(tmp_path / "run" / "metrics.json") in str(e.value) and "--lr 0.003 -> 0.001" in str(e.value)
+    assert str(tmp_path / "run" / "metrics.json") in str(e.value) and f"--lr 0.5 -> {cfg.lr}" in str(e.value)
     assert "--init b/stage1.pt -> a/stage1.pt" in str(e.value) and "\n" not in str(e.value)
+    cfg = dataclasses.replace(cfg, task="depth-probe")  # a probe chooses its own rate: --lr is not its option
+    measured(lr=0.5, source="depth", target="rgb")
+    assert experiments.finished(cfg)
+    measured(lr=0.5, train_samples=200)
+    with pytest.raises(experiments.CheckpointError, match="--train-samples 200 -> 400"):
+        experiments.finished(cfg)
 
 
 @pytest.mark.parametrize("quick", [True, False])
