@@ -6,8 +6,8 @@ stage or a run with a metrics.json is not redone; one made with other options st
 Pre-training (train.py's CPU preset): one stage 1, then a stage 2 per row of Table 3 from it; the whole
 pre-training again with two more seeds (the noise floor); the sample-level baselines, each a stage 1 as long as
 HCMoCo's two stages together (the same steps) at its own best peak rate (BASELINE_LR): CMC (Eq. 2) and MMV
-(--global-loss mmv); with --backbone-init, the
-whole pre-training once more from those weights (the paper's Ours* vs Ours: ImageNet init vs none).
+(--global-loss mmv); with --backbone-init, the whole pre-training once more from those weights (the paper's Ours*
+vs Ours: ImageNet init vs none).
 Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
 subsets x 2 seeds, so every comparison is paired:
   Table 2   scratch / CMC / MMV / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
@@ -51,7 +51,7 @@ SHORT = {"global": "sample-level", "hard": "hard", "soft": "soft"}
 STEPS = (("hard", "global"), ("soft", "global"), ("soft", "hard"), ("full", "soft"))
 PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
-BASELINE_LR = 3e-3  # CMC's and MMV's peak rate: each retrieves and fine-tunes best at it (README, Table 2)
+BASELINE_LR = 3e-3  # CMC's and MMV's peak rate: each retrieves best at it of 1e-3 / 3e-3 / 1e-2 (docs/findings.md)
 NOISE_SEEDS = (1, 2)  # the full pre-training again with these seeds: the noise floor
 CURVE_STEPS = 100  # the curves' shorter fine-tuning budget
 # --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
