@@ -187,9 +187,9 @@ def experiments(opts):
     ckpts = pretraining(opts, quick)
     runs = grid(ckpts, quick)
     sizes = QUICK_FINETUNE if quick else {}
-    configs = {run: finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0)
-               for run, config in runs.items()}
-    jobs = [("finetune", cfg) for cfg in configs.values() if not finished(cfg)]
+    configs = [finetune.Config(**{**sizes, **config, "out": os.path.join(opts.out, run.folder)}, workers=0)
+               for run, config in runs.items()]
+    jobs = [("finetune", cfg) for cfg in configs if not finished(cfg)]
     run_jobs(jobs, opts.jobs, f"fine-tuning and probes ({len(runs) - len(jobs)} of {len(runs)} runs already done)")
     measured = {run: read_run(os.path.join(opts.out, run.folder)) for run in runs}
     summary = summarise(measured, QUICK_FINETUNE["steps"] if quick else finetune.Config.steps)
@@ -214,9 +214,8 @@ def finished(cfg):
         return False
     with open(path) as f:
         ran = json.load(f)["config"]
-    unread = {k for k, (ignored, _) in finetune.unread_options(cfg).items() if ignored}
-    changed = [f"--{k.replace('_', '-')} {ran.get(k)} -> {v}" for k, v in asdict(cfg).items()
-               if k not in FINETUNE_RUN_OPTIONS and k not in unread and ran.get(k) != v]
+    unread = tuple(k for k, (ignored, _) in finetune.unread_options(cfg).items() if ignored)
+    changed = harness.option_changes(ran, asdict(cfg), FINETUNE_RUN_OPTIONS + unread)
     if changed:
         raise CheckpointError(f"{path} was measured with other options than this runner asks for ({', '.join(changed)})"
                               f"; delete its folder to run it again")

@@ -114,6 +114,12 @@ def changed_options(saved, cfg, stage):
     old = {k: v for k, v in saved["train"].items() if k != "model"} | saved["model"]
     new = asdict(cfg)
     new.update(new.pop("model"))
+    return option_changes(old, new, skip)
+
+
+def option_changes(old, new, skip=()):
+    """'--name old -> new' for each option of the dict `new` but those in `skip` whose value differs from the
+    recorded dict `old` (an option `old` lacks: '(not recorded)')."""
     return [f"--{k.replace('_', '-')} {old.get(k, '(not recorded)')} -> {v}" for k, v in new.items()
             if k not in skip and old.get(k, MISSING) != v]
 
