@@ -3,14 +3,15 @@ stage or a run with a metrics.json is not redone; one made with other options st
 
     python experiments.py --out runs/experiments [--quick] [--jobs 2] [--backbone-init W18.pth]
 
-Pre-training (train.py's CPU preset): one stage 1, then a stage 2 per row of Table 3 from it; the whole
-pre-training again with two more seeds (the noise floor); the sample-level baselines, each a stage 1 as long as
-HCMoCo's two stages together (the same steps) at its own best peak rate (BASELINE_LR): CMC (Eq. 2) and MMV
-(--global-loss mmv); with --backbone-init, the whole pre-training once more from those weights (the paper's Ours*
-vs Ours: ImageNet init vs none).
+Pre-training (train.py's CPU preset): one stage 1, then a stage 2 per row of Table 3 from it; the sample-level
+baselines, each a stage 1 as long as HCMoCo's two stages together (the same steps) at its own best peak rate
+(BASELINE_LR): CMC (Eq. 2) and MMV (--global-loss mmv); HCMoCo's whole pre-training and CMC's again with two more
+seeds (the noise floor); with --backbone-init, the whole pre-training once more from those weights (the paper's
+Ours* vs Ours: ImageNet init vs none).
 Fine-tuning (finetune.py), all tested on the same 500 images; at 5 % labels every arm runs on the same 3 label
 subsets x 2 seeds, so every comparison is paired:
-  Table 2   scratch / CMC / MMV / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels
+  Table 2   scratch / CMC / MMV / HCMoCo on RGB and depth parsing, at 5 % and (one seed) at 100 % labels; HCMoCo
+            against CMC again from each noise seed's pre-trainings, and over all seeds
   curves    scratch and HCMoCo at 5 % labels after 100 fine-tuning steps (the tables use 300)
   probes    frozen linear probes (rgb-probe, depth-probe) of every Table 3 row, of MMV, of the noise-floor seeds, of a
             random network with the same init and of pixel (x, y) + input
@@ -104,7 +105,7 @@ class Run:
 
 def pretraining(opts, quick):
     """Train every pre-training run not yet finished; -> {name: checkpoint}: the sample-level baselines ('CMC',
-    'MMV') and each stage 2."""
+    'MMV', 'CMC-seed<s>') and each stage 2 ('seed<s>': HCMoCo's of a noise seed)."""
     pre = os.path.join(opts.out, "pretrain")
     first = os.path.join(pre, "full")
     # resume: a finished stage is not trained again, a killed one continues
@@ -121,21 +122,25 @@ def pretraining(opts, quick):
         ckpts[name] = os.path.join(out, "stage2.pt")
     # the sample-level methods: one stage of their objective for as many steps as HCMoCo's two stages, each at
     # the rate it learns best at rather than HCMoCo's, so that Table 2 compares against their best
+    baseline = replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs, lr=BASELINE_LR,
+                       steps=base.steps and 2 * base.steps)
     for arm, loss in (("CMC", base.model.global_loss), ("MMV", "mmv")):
         out = os.path.join(pre, arm.lower())
-        jobs.append(("train", replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs, lr=BASELINE_LR,
-                                      steps=base.steps and 2 * base.steps, model=replace(base.model, global_loss=loss),
-                                      out=out)))
+        jobs.append(("train", replace(baseline, model=replace(base.model, global_loss=loss), out=out)))
         ckpts[arm] = os.path.join(out, "stage1.pt")
+    # HCMoCo and CMC again with each noise seed: the probes' and Table 2's spread over pre-training seeds
     for seed in NOISE_SEEDS:
         out = os.path.join(pre, f"full-seed{seed}")
         jobs.append(("train", replace(base, stage=2, seed=seed, out=out)))
         ckpts[f"seed{seed}"] = os.path.join(out, "stage2.pt")
+        out = os.path.join(pre, f"cmc-seed{seed}")
+        jobs.append(("train", replace(baseline, seed=seed, out=out)))
+        ckpts[f"CMC-seed{seed}"] = os.path.join(out, "stage1.pt")
     if opts.backbone_init:
         out = os.path.join(pre, "full-imagenet")
         jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
         ckpts["imagenet"] = os.path.join(out, "stage2.pt")
-    run_jobs(jobs, opts.jobs, "pre-training: each Table 3 row's stage 2, the noise-floor seeds, CMC and MMV")
+    run_jobs(jobs, opts.jobs, "pre-training: each Table 3 row's stage 2, CMC and MMV, the noise-floor seeds")
     ckpts["HCMoCo"] = ckpts["full"]
     return ckpts
 
@@ -162,6 +167,10 @@ def grid(ckpts, quick):
         for row in ("global", "hard", "soft"):  # the full row is Table 2's HCMoCo
             for kw in low:
                 add(Run("ladder", task, row, **kw), init=inits[row])
+        for seed in NOISE_SEEDS:  # HCMoCo against CMC again from each noise seed's pre-trainings
+            for arm, init in (("HCMoCo", f"seed{seed}"), ("CMC", f"CMC-seed{seed}")):
+                for kw in low:
+                    add(Run("noise", task, f"{arm}-seed{seed}", **kw), init=inits[init])
         if "imagenet" in ckpts:  # Ours* (from ImageNet weights) against Ours (Table 2's HCMoCo)
             for kw in low:
                 add(Run("table2", task, "HCMoCo*", **kw), init=inits["imagenet"])
@@ -269,11 +278,17 @@ def run_job(job, threads):
 # ------------------------------------------------------------------------------------------------------ the tables
 def paired_gain(a, b, resamples=10_000, seed=0):
     """Mean of the paired differences a - b, its bootstrap 95 % interval (percentiles of the means of
-    `resamples` resamples of the pairs) and the win rate (share of pairs with a > b)."""
+    `resamples` resamples) and the win rate (share of pairs with a > b). a, b: [P] pairs, or [S, P]: P pairs from
+    each of S pairs of pre-trainings, resampled at both levels (the pre-trainings, then each one's pairs), so the
+    interval holds the pre-training seeds' spread as well as the fine-tuning's."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    means = np.random.default_rng(seed).choice(d, size=(resamples, len(d))).mean(1)
+    d2 = d.reshape(-1, d.shape[-1])  # [S, P]
+    rng = np.random.default_rng(seed)
+    S, P = d2.shape
+    pretrainings = rng.integers(S, size=(resamples, S, 1))  # [R, S, 1]
+    means = d2[pretrainings, rng.integers(P, size=(resamples, S, P))].mean((1, 2))
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), wins=float((d > 0).mean()), n=len(d))
+    return dict(mean=float(d.mean()), lo=float(lo), hi=float(hi), wins=float((d > 0).mean()), n=d.size)
 
 
 def image_bootstrap(a, b, resamples=2_000, seed=0):
@@ -296,7 +311,8 @@ def summarise(measured, main_steps):
     """The tables' numbers: means over repeats, paired gains at 5 % labels (main_steps: the fine-tuning budget of
     the main runs), the ladder's steps with their intervals, the noise floor, the versatility tables."""
     miou = lambda runs, key="miou": [r["metrics"][key] for r in runs]  # noqa: E731
-    out = {"table2": {}, "gains": {}, "curves": {}, "probes": {}, "ladder": {}, "noise": {}, "versatility": {}}
+    out = {"table2": {}, "gains": {}, "seeds": {}, "curves": {}, "probes": {}, "ladder": {}, "noise": {},
+           "versatility": {}}
     arms = [a for a in (*ARMS, "HCMoCo*") if select(measured, group="table2", arm=a)]
     for task in PARSING:
         low = {a: miou(select(measured, group="table2", task=task, arm=a, ratio=LOW)) for a in arms}
@@ -307,6 +323,14 @@ def summarise(measured, main_steps):
         pairs = [("HCMoCo", "scratch"), ("HCMoCo", "CMC"), ("HCMoCo", "MMV"), ("CMC", "scratch")]
         for a, b in pairs + ([("HCMoCo*", "HCMoCo")] if "HCMoCo*" in arms else []):
             out["gains"][f"{task}/{a}-{b}"] = paired_gain(low[a], low[b])
+        # HCMoCo - CMC from each pre-training seed (0: Table 2's), and over all of them
+        by_seed = {arm: [low[arm], *(miou(select(measured, group="noise", task=task, arm=f"{arm}-seed{s}"))
+                                     for s in NOISE_SEEDS)] for arm in ("HCMoCo", "CMC")}  # [seeds][pairs]
+        for s, a, b in zip((0, *NOISE_SEEDS), by_seed["HCMoCo"], by_seed["CMC"]):
+            out["seeds"][f"{task}/seed{s}"] = paired_gain(a, b)
+        out["seeds"][f"{task}/all"] = paired_gain(by_seed["HCMoCo"], by_seed["CMC"])
+        means = {arm: [float(np.mean(v)) for v in runs] for arm, runs in by_seed.items()}
+        out["noise"][f"{task}/pretrain-seed"] = {arm: dict(values=v, spread=float(np.ptp(v))) for arm, v in means.items()}
         for arm in ("scratch", "HCMoCo"):  # the curves' subset and seed: the first of the grid
             out["curves"][f"{task}/{arm}/{CURVE_STEPS}"] = miou(select(measured, group="curve", task=task, arm=arm))[0]
             out["curves"][f"{task}/{arm}/{main_steps}"] = low[arm][0]
@@ -367,6 +391,13 @@ def results_markdown(s):
             "HCMoCo-scratch", "HCMoCo-CMC", "HCMoCo-MMV", "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
         lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(interval(s["gains"][f"{t}/{pair}"])
                                                                     for t in PARSING) + " |")
+    seeds = (0, *NOISE_SEEDS)
+    lines += ["", f"| HCMoCo − CMC at {LOW:.0%} labels, by pre-training seed | RGB parsing | depth parsing |",
+              "|---|---|---|"]
+    for name, label in ((f"seed{k}", f"seed {k}{' (the table above)' if k == 0 else ''}") for k in seeds):
+        lines.append(f"| {label} | " + " | ".join(interval(s["seeds"][f"{t}/{name}"]) for t in PARSING) + " |")
+    lines.append(f"| seeds {', '.join(map(str, seeds))} (resampled by pre-training, then by pair) | "
+                 + " | ".join(interval(s["seeds"][f"{t}/all"]) for t in PARSING) + " |")
     budgets = sorted({int(k.rsplit("/", 1)[1]) for k in s["curves"]})
     lines += ["", f"| fine-tuning steps ({LOW:.0%} labels, one subset and seed) | " + " | ".join(
         f"{t} {arm}" for t in ("RGB", "depth") for arm in ("scratch", "HCMoCo")) + " |", "|---" * 5 + "|"]
@@ -388,11 +419,16 @@ def results_markdown(s):
             lines.append(f"| &nbsp;&nbsp; gain over the {SHORT[prev]} row | " + " | ".join(map(interval, step)) + " |")
     n = s["noise"]
     lines += ["", "| noise floor | RGB | depth |", "|---|---|---|",
-              f"| probe, pre-training seeds {', '.join(map(str, (0, *NOISE_SEEDS)))} (range) | "
+              f"| probe, pre-training seeds {', '.join(map(str, seeds))} (range) | "
               f"{f(n['rgb-probe']['spread'])} ({', '.join(map(f, n['rgb-probe']['values']))}) | "
               f"{f(n['depth-probe']['spread'])} ({', '.join(map(f, n['depth-probe']['values']))}) |",
               f"| {LOW:.0%}-label parsing, fine-tuning seeds 0 and 1 (mean range) | "
               f"{f(n['rgb-parsing/finetune-seed'])} | {f(n['depth-parsing/finetune-seed'])} |"]
+    for arm in ("HCMoCo", "CMC"):
+        spread = [n[f"{t}/pretrain-seed"][arm] for t in PARSING]
+        lines.append(f"| {arm}, {LOW:.0%}-label parsing, pre-training seeds {', '.join(map(str, seeds))} (range of "
+                     "the means) | " + " | ".join(f"{f(v['spread'])} ({', '.join(map(f, v['values']))})"
+                                                   for v in spread) + " |")
     lines += ["", "| protocol: contrastive targets | RGB -> depth mIoU (on RGB) | depth -> RGB (on depth) | "
               "missing-modal: RGB only | depth only | both |", "|---|---|---|---|---|---|"]
     for key, v in s["versatility"].items():

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,7 +305,7 @@ def test_the_runner_takes_a_finished_run_as_done_only_if_it_ran_the_options_aske
 def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmocos_two(tmp_path, monkeypatch, quick):
     """CMC and MMV are each one stage 1 of their sample-level objective (the preset's Eq. 2, MMV's in its place),
     otherwise with HCMoCo's options but the baselines' own peak rate, for the steps of HCMoCo's stage 1 and stage 2
-    together; each stage file, in a folder of its own, is its arm's init."""
+    together; each stage file, in a folder of its own, is its arm's init. CMC runs again with each noise seed."""
     jobs = []
     monkeypatch.setattr(experiments, "run_jobs", lambda batch, n, what: jobs.extend(batch))
     first = tmp_path / "pretrain" / "full"
@@ -323,6 +324,10 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
     assert dataclasses.replace(cmc, stage1_epochs=hcmoco.stage1_epochs, steps=hcmoco.steps, lr=hcmoco.lr,
                                out=hcmoco.out) == hcmoco
     assert (ckpts["CMC"], ckpts["MMV"]) == (os.path.join(cmc.out, "stage1.pt"), os.path.join(mmv.out, "stage1.pt"))
+    for seed in experiments.NOISE_SEEDS:  # CMC again with each noise seed, as HCMoCo's full pre-training
+        again = next(c for c in configs if c.out.endswith(os.path.join("pretrain", f"cmc-seed{seed}")))
+        assert again.seed == seed and dataclasses.replace(again, seed=cmc.seed, out=cmc.out) == cmc
+        assert ckpts[f"CMC-seed{seed}"] == os.path.join(again.out, "stage1.pt")
 
 
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
@@ -332,7 +337,8 @@ def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_w
     with --backbone-init weights, Ours* (HCMoCo pre-trained from them) joins Table 2 on the same pairs, and without
     them it is absent."""
     ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2")}
+             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2", "CMC-seed1",
+                          "CMC-seed2")}
     runs = experiments.grid(dict(ckpts, imagenet="imagenet.pt"), quick=False)
     assert len({r.folder for r in runs}) == len(runs)
 
@@ -349,6 +355,11 @@ def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_w
             assert {c["init"] for r, c in runs.items() if r.group == "ladder" and r.arm == row} == {f"{row}.pt"}
     assert {c["init"] for r, c in runs.items() if r.arm == "HCMoCo*"} == {"imagenet.pt"}
     assert {c["init"] for r, c in runs.items() if r.arm == "MMV"} == {"MMV.pt"}  # its Table 2 runs and its probes
+    for seed in experiments.NOISE_SEEDS:  # HCMoCo and CMC from the other pre-training seeds, on Table 2's pairs
+        for arm, init in (("HCMoCo", f"seed{seed}.pt"), ("CMC", f"CMC-seed{seed}.pt")):
+            for task in experiments.PARSING:
+                assert pairs(group="noise", task=task, arm=f"{arm}-seed{seed}") == scratch
+            assert {c["init"] for r, c in runs.items() if r.group == "noise" and r.arm == f"{arm}-seed{seed}"} == {init}
     published = {(r.task, r.arm, r.source): c for r, c in runs.items()
                  if r.group == "versatility" and r.protocol == "published"}
     assert len(published) == 9 and {c["init"] for c in published.values()} == {str(checkpoint)}
@@ -409,6 +420,20 @@ def test_paired_gain_mean_interval_and_wins():
     assert -1.0 <= g["lo"] < g["mean"] < g["hi"] <= 3.0  # within the smallest and largest difference
     same = experiments.paired_gain([1.0, 2.0], [1.0, 2.0])
     assert same["lo"] == same["hi"] == same["mean"] == 0.0 and same["wins"] == 0.0
+    assert experiments.paired_gain([[5.0, 6.0, 7.0, 4.0]], [[4.0, 4.0, 4.0, 5.0]]) == g  # one pre-training: as [P]
+
+
+def test_paired_gain_over_pre_trainings_holds_their_spread():
+    """Pairs from three pre-trainings whose gains differ (1, 2, 6) but are equal within each: a one-level bootstrap
+    over the 12 pairs is narrower than the spread between pre-trainings; resampling the pre-trainings first gives
+    an interval that reaches the smallest and the largest (each drawn three times in 1 / 27 > 2.5 % of resamples)."""
+    b = np.zeros((3, 4))
+    a = b + np.array([[1.0], [2.0], [6.0]])
+    g = experiments.paired_gain(a, b)
+    assert g["mean"] == pytest.approx(3.0) and g["n"] == 12 and g["wins"] == 1.0
+    assert (g["lo"], g["hi"]) == (1.0, 6.0)
+    flat = experiments.paired_gain(a.ravel(), b.ravel())
+    assert g["lo"] < flat["lo"] and flat["hi"] < g["hi"]
 
 
 def test_probe_task_and_its_pixel_control(tmp_path, capsys, monkeypatch):
@@ -465,13 +490,16 @@ def test_image_bootstrap_interval_of_a_miou_difference():
 def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
     """summarise and results_markdown on made-up metrics for the whole grid. Each run's mIoU is its arm's offset
     plus a level its (label subset, seed) pair shares with every arm: paired, every gain is the offsets' difference
-    with an interval of width 0 and every pair won; paired wrongly, the levels would spread it. The probes' steps
+    with an interval of width 0 and every pair won; paired wrongly, the levels would spread it. HCMoCo − CMC from
+    pre-trainings whose gains differ by seed has an interval over all seeds that spans them. The probes' steps
     are image bootstraps of their per-image counts, the noise floor the spreads of the seeds, and the versatility
     table reads each head on the modality it is tested on."""
     ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2")}
+             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2", "CMC-seed1",
+                          "CMC-seed2")}
     runs = experiments.grid(ckpts, quick=False)
-    offset = {"scratch": 10.0, "CMC": 13.0, "MMV": 14.0, "HCMoCo": 16.0, "global": 14.5, "hard": 15.0, "soft": 15.25}
+    offset = {"scratch": 10.0, "CMC": 13.0, "MMV": 14.0, "HCMoCo": 16.0, "global": 14.5, "hard": 15.0, "soft": 15.25,
+              "HCMoCo-seed1": 15.0, "CMC-seed1": 13.5, "HCMoCo-seed2": 17.0, "CMC-seed2": 12.0}
     iou = {"random": 0.2, "pixels": 0.1, "CMC": 0.3, "MMV": 0.35, "global": 0.4, "hard": 0.5, "soft": 0.45,
            "full": 0.6, "seed1": 0.55, "seed2": 0.62}
 
@@ -513,6 +541,13 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
             assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((want, want, want))
         assert s["curves"][f"{task}/scratch/100"] == pytest.approx(10.0 + 3.0 + extra - 5.0)  # subset 1, seed 0
         assert s["noise"][f"{task}/finetune-seed"] == pytest.approx(0.5)
+        for seed, want in ((0, 3.0), (1, 1.5), (2, 5.0)):  # each seed's pair of pre-trainings on its own
+            g = s["seeds"][f"{task}/seed{seed}"]
+            assert (g["mean"], g["lo"], g["hi"], g["n"]) == pytest.approx((want, want, want, 6))
+        g = s["seeds"][f"{task}/all"]
+        assert (g["mean"], g["lo"], g["hi"], g["n"]) == pytest.approx((9.5 / 3, 1.5, 5.0, 18))
+        spread = s["noise"][f"{task}/pretrain-seed"]
+        assert spread["HCMoCo"]["spread"] == pytest.approx(2.0) and spread["CMC"]["spread"] == pytest.approx(1.5)
     for modality in ("rgb", "depth"):
         for row, prev in experiments.STEPS:
             g = s["ladder"][f"{modality}-probe/{row}-{prev}"]
@@ -531,4 +566,5 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
     soft_over_hard = ("| &nbsp;&nbsp; gain over the hard row | -5.0 [-5.0, -5.0] | -5.0 [-5.0, -5.0] | "
                       "+0.2 [+0.2, +0.2], 6/6")
     assert soft_over_hard in md
+    assert "| seeds 0, 1, 2 (resampled by pre-training, then by pair) | +3.2 [+1.5, +5.0], 18/18 |" in md
     assert "| published: HCMoCo | 21.0 (22.0) | 23.0 (24.0) | 25.0 | 26.0 | 27.0 |" in md
