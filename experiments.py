@@ -53,7 +53,7 @@ STEPS = (("hard", "global"), ("soft", "global"), ("soft", "hard"), ("full", "sof
 PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
 BASELINE_LR = 3e-3  # CMC's and MMV's peak rate: each retrieves best at it of 1e-3 / 3e-3 / 1e-2 (docs/findings.md)
-NOISE_SEEDS = (1, 2)  # the full pre-training again with these seeds: the noise floor
+NOISE_SEEDS = (1, 2)  # HCMoCo's full pre-training and CMC's again with these seeds: the noise floor
 CURVE_STEPS = 100  # the curves' shorter fine-tuning budget
 # --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
 QUICK_PRETRAIN = dict(steps=4, image_size=48, synthetic_samples=64, batch_size=8, heldout=8)
@@ -330,7 +330,8 @@ def summarise(measured, main_steps):
             out["seeds"][f"{task}/seed{s}"] = paired_gain(a, b)
         out["seeds"][f"{task}/all"] = paired_gain(by_seed["HCMoCo"], by_seed["CMC"])
         means = {arm: [float(np.mean(v)) for v in runs] for arm, runs in by_seed.items()}
-        out["noise"][f"{task}/pretrain-seed"] = {arm: dict(values=v, spread=float(np.ptp(v))) for arm, v in means.items()}
+        out["noise"][f"{task}/pretrain-seed"] = {arm: dict(values=v, spread=float(np.ptp(v)))
+                                                 for arm, v in means.items()}
         for arm in ("scratch", "HCMoCo"):  # the curves' subset and seed: the first of the grid
             out["curves"][f"{task}/{arm}/{CURVE_STEPS}"] = miou(select(measured, group="curve", task=task, arm=arm))[0]
             out["curves"][f"{task}/{arm}/{main_steps}"] = low[arm][0]
@@ -418,17 +419,15 @@ def results_markdown(s):
             step = [s["ladder"][f"{t}/{row}-{prev}"] for t in ("rgb-probe", "depth-probe", *PARSING)]
             lines.append(f"| &nbsp;&nbsp; gain over the {SHORT[prev]} row | " + " | ".join(map(interval, step)) + " |")
     n = s["noise"]
+    spread = lambda v: f"{f(v['spread'])} ({', '.join(map(f, v['values']))})"  # noqa: E731
     lines += ["", "| noise floor | RGB | depth |", "|---|---|---|",
               f"| probe, pre-training seeds {', '.join(map(str, seeds))} (range) | "
-              f"{f(n['rgb-probe']['spread'])} ({', '.join(map(f, n['rgb-probe']['values']))}) | "
-              f"{f(n['depth-probe']['spread'])} ({', '.join(map(f, n['depth-probe']['values']))}) |",
+              f"{spread(n['rgb-probe'])} | {spread(n['depth-probe'])} |",
               f"| {LOW:.0%}-label parsing, fine-tuning seeds 0 and 1 (mean range) | "
               f"{f(n['rgb-parsing/finetune-seed'])} | {f(n['depth-parsing/finetune-seed'])} |"]
     for arm in ("HCMoCo", "CMC"):
-        spread = [n[f"{t}/pretrain-seed"][arm] for t in PARSING]
         lines.append(f"| {arm}, {LOW:.0%}-label parsing, pre-training seeds {', '.join(map(str, seeds))} (range of "
-                     "the means) | " + " | ".join(f"{f(v['spread'])} ({', '.join(map(f, v['values']))})"
-                                                   for v in spread) + " |")
+                     "the means) | " + " | ".join(spread(n[f"{t}/pretrain-seed"][arm]) for t in PARSING) + " |")
     lines += ["", "| protocol: contrastive targets | RGB -> depth mIoU (on RGB) | depth -> RGB (on depth) | "
               "missing-modal: RGB only | depth only | both |", "|---|---|---|---|---|---|"]
     for key, v in s["versatility"].items():
