@@ -53,7 +53,8 @@ STEPS = (("hard", "global"), ("soft", "global"), ("soft", "hard"), ("full", "sof
 PARSING = ("rgb-parsing", "depth-parsing")
 LOW, HIGH = 0.05, 1.0  # the label ratios
 BASELINE_LR = 3e-3  # CMC's and MMV's peak rate: each retrieves best at it of 1e-3 / 3e-3 / 1e-2 (docs/findings.md)
-NOISE_SEEDS = (1, 2)  # HCMoCo's full pre-training and CMC's again with these seeds: the noise floor
+NOISE_SEEDS = (1, 2)  # every Table 3 row and CMC pre-trained again with these seeds: the noise floor
+PRETRAIN_SEEDS = (0, *NOISE_SEEDS)
 CURVE_STEPS = 100  # the curves' shorter fine-tuning budget
 # --quick: a few steps of everything, at these sizes (a run's own step budget, the curves', stays)
 QUICK_PRETRAIN = dict(steps=4, image_size=48, synthetic_samples=64, batch_size=8, heldout=8)
@@ -103,44 +104,47 @@ class Run:
         return os.path.join(*[p for p in parts if p])
 
 
+def seeded(name, seed):
+    """A pre-training's name (its checkpoint's key, its folder's and its probes' arm) for a pre-training seed: seed
+    0's is the name itself."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
 def pretraining(opts, quick):
-    """Train every pre-training run not yet finished; -> {name: checkpoint}: the sample-level baselines ('CMC',
-    'MMV', 'CMC-seed<s>') and each stage 2 ('seed<s>': HCMoCo's of a noise seed)."""
+    """Train every pre-training run not yet finished; -> {name: checkpoint}: each Table 3 row's stage 2 from each
+    pre-training seed ('global', 'hard', ..., 'full-seed<s>': all rows of a seed start from its 'full' folder's
+    stage 1) and the sample-level baselines ('CMC', 'MMV', 'CMC-seed<s>'); 'HCMoCo' is 'full'."""
     pre = os.path.join(opts.out, "pretrain")
-    first = os.path.join(pre, "full")
     # resume: a finished stage is not trained again, a killed one continues
     base = replace(train.PRESETS["cpu"], resume=True, workers=0, **(QUICK_PRETRAIN if quick else {}))
     base = train.resolved(base, cli.pick_device(base.device))
-    run_jobs([("train", replace(base, stage=1, out=first))], 1, "pre-training stage 1 (HCMoCo's)")
+    first = {s: os.path.join(pre, seeded("full", s)) for s in PRETRAIN_SEEDS}
+    run_jobs([("train", replace(base, stage=1, seed=s, out=first[s])) for s in PRETRAIN_SEEDS], opts.jobs,
+             "pre-training stage 1 (HCMoCo's, one per pre-training seed)")
     jobs, ckpts = [], {}
-    for name, targets in LADDER.items():
-        out = os.path.join(pre, name)
-        os.makedirs(out, exist_ok=True)
-        if out != first and not os.path.exists(os.path.join(out, "stage1.pt")):
-            shutil.copy(os.path.join(first, "stage1.pt"), out)
-        jobs.append(("train", replace(base, stage=2, targets=targets, out=out)))
-        ckpts[name] = os.path.join(out, "stage2.pt")
+    for seed in PRETRAIN_SEEDS:
+        for name, targets in LADDER.items():
+            out = os.path.join(pre, seeded(name, seed))
+            os.makedirs(out, exist_ok=True)
+            if out != first[seed] and not os.path.exists(os.path.join(out, "stage1.pt")):
+                shutil.copy(os.path.join(first[seed], "stage1.pt"), out)
+            jobs.append(("train", replace(base, stage=2, targets=targets, seed=seed, out=out)))
+            ckpts[seeded(name, seed)] = os.path.join(out, "stage2.pt")
     # the sample-level methods: one stage of their objective for as many steps as HCMoCo's two stages, each at
-    # the rate it learns best at rather than HCMoCo's, so that Table 2 compares against their best
+    # the rate it learns best at rather than HCMoCo's, so that Table 2 compares against their best; CMC again
+    # with each noise seed, for HCMoCo - CMC over pre-training seeds
     baseline = replace(base, stage=1, stage1_epochs=base.stage1_epochs + base.epochs, lr=BASELINE_LR,
                        steps=base.steps and 2 * base.steps)
-    for arm, loss in (("CMC", base.model.global_loss), ("MMV", "mmv")):
-        out = os.path.join(pre, arm.lower())
-        jobs.append(("train", replace(baseline, model=replace(base.model, global_loss=loss), out=out)))
-        ckpts[arm] = os.path.join(out, "stage1.pt")
-    # HCMoCo and CMC again with each noise seed: the probes' and Table 2's spread over pre-training seeds
-    for seed in NOISE_SEEDS:
-        out = os.path.join(pre, f"full-seed{seed}")
-        jobs.append(("train", replace(base, stage=2, seed=seed, out=out)))
-        ckpts[f"seed{seed}"] = os.path.join(out, "stage2.pt")
-        out = os.path.join(pre, f"cmc-seed{seed}")
-        jobs.append(("train", replace(baseline, seed=seed, out=out)))
-        ckpts[f"CMC-seed{seed}"] = os.path.join(out, "stage1.pt")
+    for arm, loss, arm_seeds in (("CMC", base.model.global_loss, PRETRAIN_SEEDS), ("MMV", "mmv", (0,))):
+        for seed in arm_seeds:
+            out = os.path.join(pre, seeded(arm, seed).lower())
+            jobs.append(("train", replace(baseline, model=replace(base.model, global_loss=loss), seed=seed, out=out)))
+            ckpts[seeded(arm, seed)] = os.path.join(out, "stage1.pt")
     if opts.backbone_init:
         out = os.path.join(pre, "full-imagenet")
         jobs.append(("train", replace(base, stage=2, backbone_init=opts.backbone_init, out=out)))
         ckpts["imagenet"] = os.path.join(out, "stage2.pt")
-    run_jobs(jobs, opts.jobs, "pre-training: each Table 3 row's stage 2, CMC and MMV, the noise-floor seeds")
+    run_jobs(jobs, opts.jobs, "pre-training: each Table 3 row's stage 2 from each seed, CMC (each seed) and MMV")
     ckpts["HCMoCo"] = ckpts["full"]
     return ckpts
 
@@ -164,19 +168,20 @@ def grid(ckpts, quick):
             add(Run("table2", task, arm, seed=seeds[0]), init=inits[arm])
         for arm in ("scratch", "HCMoCo"):
             add(Run("curve", task, arm, **low[0], steps=CURVE_STEPS), init=inits[arm])
-        for row in ("global", "hard", "soft"):  # the full row is Table 2's HCMoCo
-            for kw in low:
-                add(Run("ladder", task, row, **kw), init=inits[row])
-        for seed in NOISE_SEEDS:  # HCMoCo against CMC again from each noise seed's pre-trainings
-            for arm, init in (("HCMoCo", f"seed{seed}"), ("CMC", f"CMC-seed{seed}")):
+        for row in ("global", "hard", "soft"):  # the full row is Table 2's HCMoCo, and the noise group's
+            for seed in PRETRAIN_SEEDS:
                 for kw in low:
-                    add(Run("noise", task, f"{arm}-seed{seed}", **kw), init=inits[init])
+                    add(Run("ladder", task, seeded(row, seed), **kw), init=inits[seeded(row, seed)])
+        for seed in NOISE_SEEDS:  # HCMoCo against CMC again from each noise seed's pre-trainings
+            for arm, init in (("HCMoCo", "full"), ("CMC", "CMC")):
+                for kw in low:
+                    add(Run("noise", task, seeded(arm, seed), **kw), init=inits[seeded(init, seed)])
         if "imagenet" in ckpts:  # Ours* (from ImageNet weights) against Ours (Table 2's HCMoCo)
             for kw in low:
                 add(Run("table2", task, "HCMoCo*", **kw), init=inits["imagenet"])
     for modality in ("rgb", "depth"):
         task = f"{modality}-probe"
-        for arm in ("random", "pixels", "CMC", "MMV", *LADDER, *(f"seed{s}" for s in NOISE_SEEDS)):
+        for arm in ("random", "pixels", "CMC", "MMV", *(seeded(row, s) for s in PRETRAIN_SEEDS for row in LADDER)):
             init = {"random": "scratch", "pixels": "pixels"}.get(arm, inits.get(arm))
             add(Run("probe", task, arm), init=init, scratch_init=same_init)
     for protocol, arms in (("published", (("none", "CMC", "none"), ("CMC", "CMC", "global"), ("HCMoCo", "CMC", "full"))),
@@ -294,12 +299,24 @@ def paired_gain(a, b, resamples=10_000, seed=0):
 def image_bootstrap(a, b, resamples=2_000, seed=0):
     """The mIoU difference of two runs on the same test images, mIoU(a) - mIoU(b), with its bootstrap 95 % interval
     over the images (each resample draws the images with replacement and recomputes both mIoUs from the per-image
-    counts a, b [N, 3, K] of metrics.image_counts); n = the number of images."""
+    counts a, b [N, 3, K] of metrics.image_counts); n = the number of images. a, b [S, N, 3, K]: the same images
+    under S pairs of pre-trainings, the mean of their S differences, resampled at both levels as paired_gain's."""
+    a, b = (torch.as_tensor(x, dtype=torch.float64).reshape(-1, *x.shape[-3:]) for x in (a, b))  # [S, N, 3, K]
+    S, N = a.shape[:2]
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randint(len(a), (resamples, len(a)), generator=g)  # [R, N]
-    d = (miou_of_counts(a[pick]) - miou_of_counts(b[pick])).numpy()
+    images = torch.randint(N, (resamples, S, N), generator=g)  # [R, S, N]
+    pretrainings = torch.randint(S, (resamples, S), generator=g)  # [R, S]
+    drawn = torch.zeros(resamples, S, N, dtype=torch.float64).scatter_add_(-1, images, torch.ones_like(
+        images, dtype=torch.float64))  # [R, S, N]: how often each image is drawn
+    pick = pretrainings[..., None, None, None].expand(-1, -1, 1, *a.shape[-2:])  # [R, S, 1, 3, K]
+
+    def resampled(x):  # the resamples' summed counts of each drawn pre-training -> mIoU [R, S]
+        counts = torch.einsum("rjn,pnck->rjpck", drawn, x).gather(2, pick)  # [R, S, 1, 3, K]
+        return miou_of_counts(counts)
+
+    d = (resampled(a) - resampled(b)).mean(1).numpy()  # [R]
     lo, hi = np.percentile(d, [2.5, 97.5])
-    return dict(mean=float(miou_of_counts(a) - miou_of_counts(b)), lo=float(lo), hi=float(hi), n=len(a))
+    return dict(mean=float((miou_of_counts(a) - miou_of_counts(b)).mean()), lo=float(lo), hi=float(hi), n=N)
 
 
 def select(measured, **fields):
@@ -326,7 +343,7 @@ def summarise(measured, main_steps):
         # HCMoCo - CMC from each pre-training seed (0: Table 2's), and over all of them
         by_seed = {arm: [low[arm], *(miou(select(measured, group="noise", task=task, arm=f"{arm}-seed{s}"))
                                      for s in NOISE_SEEDS)] for arm in ("HCMoCo", "CMC")}  # [seeds][pairs]
-        for s, a, b in zip((0, *NOISE_SEEDS), by_seed["HCMoCo"], by_seed["CMC"]):
+        for s, a, b in zip(PRETRAIN_SEEDS, by_seed["HCMoCo"], by_seed["CMC"]):
             out["seeds"][f"{task}/seed{s}"] = paired_gain(a, b)
         out["seeds"][f"{task}/all"] = paired_gain(by_seed["HCMoCo"], by_seed["CMC"])
         means = {arm: [float(np.mean(v)) for v in runs] for arm, runs in by_seed.items()}
@@ -335,7 +352,8 @@ def summarise(measured, main_steps):
         for arm in ("scratch", "HCMoCo"):  # the curves' subset and seed: the first of the grid
             out["curves"][f"{task}/{arm}/{CURVE_STEPS}"] = miou(select(measured, group="curve", task=task, arm=arm))[0]
             out["curves"][f"{task}/{arm}/{main_steps}"] = low[arm][0]
-        rows = {row: low["HCMoCo"] if row == "full" else miou(select(measured, group="ladder", task=task, arm=row))
+        rows = {row: by_seed["HCMoCo"] if row == "full" else  # [seeds][pairs]
+                [miou(select(measured, group="ladder", task=task, arm=seeded(row, s))) for s in PRETRAIN_SEEDS]
                 for row in LADDER}
         out["ladder"][task] = {row: float(np.mean(v)) for row, v in rows.items()}
         for row, prev in STEPS:
@@ -343,10 +361,13 @@ def summarise(measured, main_steps):
     for modality in ("rgb", "depth"):
         probe = {r.arm: m for r, m in measured.items() if r.group == "probe" and r.task == f"{modality}-probe"}
         out["probes"][modality] = {arm: m["metrics"]["miou"] for arm, m in probe.items()}
+        counts = {row: torch.stack([probe[seeded(row, s)]["counts"]["per_image"] for s in PRETRAIN_SEEDS])
+                  for row in LADDER}  # [seeds, N, 3, K]
         for row, prev in STEPS:
-            out["ladder"][f"{modality}-probe/{row}-{prev}"] = image_bootstrap(probe[row]["counts"]["per_image"],
-                                                                             probe[prev]["counts"]["per_image"])
-        seeds = [probe["full"]["metrics"]["miou"], *(probe[f"seed{s}"]["metrics"]["miou"] for s in NOISE_SEEDS)]
+            out["ladder"][f"{modality}-probe/{row}-{prev}"] = image_bootstrap(counts[row], counts[prev])
+        out["ladder"][f"{modality}-probe"] = {row: float(np.mean([probe[seeded(row, s)]["metrics"]["miou"]
+                                                                 for s in PRETRAIN_SEEDS])) for row in LADDER}
+        seeds = [probe[seeded("full", s)]["metrics"]["miou"] for s in PRETRAIN_SEEDS]
         out["noise"][f"{modality}-probe"] = dict(values=seeds, spread=float(np.ptp(seeds)), sd=float(np.std(seeds)))
     for task in PARSING:  # the fine-tuning seeds' spread: the same init and label subset, another seed
         same = {}
@@ -392,7 +413,7 @@ def results_markdown(s):
             "HCMoCo-scratch", "HCMoCo-CMC", "HCMoCo-MMV", "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
         lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(interval(s["gains"][f"{t}/{pair}"])
                                                                     for t in PARSING) + " |")
-    seeds = (0, *NOISE_SEEDS)
+    seeds = PRETRAIN_SEEDS
     lines += ["", f"| HCMoCo − CMC at {LOW:.0%} labels, by pre-training seed | RGB parsing | depth parsing |",
               "|---|---|---|"]
     for name, label in ((f"seed{k}", f"seed {k}{' (the table above)' if k == 0 else ''}") for k in seeds):
@@ -410,11 +431,11 @@ def results_markdown(s):
     for arm, label in (("pixels", "pixel (x, y) + input"), ("random", "random network, same init"), ("CMC", "CMC"),
                        ("MMV", "MMV"), ("full", "HCMoCo")):
         lines.append(f"| {label} | {f(p['rgb'][arm])} | {f(p['depth'][arm])} |")
-    lines += ["", f"| Table 3 row | RGB probe | depth probe | RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |",
-              "|---|---|---|---|---|"]
+    lines += ["", f"| Table 3 row (means over pre-training seeds {', '.join(map(str, seeds))}) | RGB probe | depth probe "
+              f"| RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |", "|---|---|---|---|---|"]
     for row in LADDER:
-        lines.append(f"| {LABELS[row]} | {f(p['rgb'][row])} | {f(p['depth'][row])} | "
-                     f"{f(s['ladder']['rgb-parsing'][row])} | {f(s['ladder']['depth-parsing'][row])} |")
+        lines.append(f"| {LABELS[row]} | " + " | ".join(f(s["ladder"][t][row]) for t in (
+            "rgb-probe", "depth-probe", *PARSING)) + " |")
         for prev in (b for a, b in STEPS if a == row):
             step = [s["ladder"][f"{t}/{row}-{prev}"] for t in ("rgb-probe", "depth-probe", *PARSING)]
             lines.append(f"| &nbsp;&nbsp; gain over the {SHORT[prev]} row | " + " | ".join(map(interval, step)) + " |")

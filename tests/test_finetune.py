@@ -308,9 +308,11 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
     together; each stage file, in a folder of its own, is its arm's init. CMC runs again with each noise seed."""
     jobs = []
     monkeypatch.setattr(experiments, "run_jobs", lambda batch, n, what: jobs.extend(batch))
+    for seed in experiments.PRETRAIN_SEEDS:  # each seed's stage 1, copied into its other rows' folders, never read
+        folder = tmp_path / "pretrain" / experiments.seeded("full", seed)
+        folder.mkdir(parents=True)
+        (folder / "stage1.pt").write_bytes(f"stage 1 of seed {seed}".encode())
     first = tmp_path / "pretrain" / "full"
-    first.mkdir(parents=True)
-    (first / "stage1.pt").write_bytes(b"")  # copied into the other rows' folders, never read here
     ckpts = experiments.pretraining(experiments.Options(out=str(tmp_path), quick=quick), quick=quick)
     configs = [cfg for kind, cfg in jobs if kind == "train"]
     hcmoco, full = (next(c for c in configs if c.out == str(first) and c.stage == stage) for stage in (1, 2))
@@ -328,6 +330,15 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
         again = next(c for c in configs if c.out.endswith(os.path.join("pretrain", f"cmc-seed{seed}")))
         assert again.seed == seed and dataclasses.replace(again, seed=cmc.seed, out=cmc.out) == cmc
         assert ckpts[f"CMC-seed{seed}"] == os.path.join(again.out, "stage1.pt")
+    # every Table 3 row again from each seed: stage 2 of its own targets and seed, after that seed's stage 1
+    for seed in experiments.PRETRAIN_SEEDS:
+        for row, targets in experiments.LADDER.items():
+            name = experiments.seeded(row, seed)
+            again = next(c for c in configs if c.out.endswith(os.path.join("pretrain", name)) and c.stage == 2)
+            assert dataclasses.replace(again, seed=0, out=full.out, targets=full.targets) == full
+            assert (again.seed, again.targets, ckpts[name]) == (seed, targets, os.path.join(again.out, "stage2.pt"))
+            assert (tmp_path / "pretrain" / name / "stage1.pt").read_text() == f"stage 1 of seed {seed}"
+    assert len(configs) == len(experiments.PRETRAIN_SEEDS) * (1 + len(experiments.LADDER) + 1) + 1  # + CMC, + MMV
 
 
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
@@ -337,8 +348,8 @@ def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_w
     with --backbone-init weights, Ours* (HCMoCo pre-trained from them) joins Table 2 on the same pairs, and without
     them it is absent."""
     ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2", "CMC-seed1",
-                          "CMC-seed2")}
+             for name in ("MMV", "HCMoCo", *(experiments.seeded(n, seed) for n in ("CMC", *experiments.LADDER)
+                                             for seed in experiments.PRETRAIN_SEEDS))}
     runs = experiments.grid(dict(ckpts, imagenet="imagenet.pt"), quick=False)
     assert len({r.folder for r in runs}) == len(runs)
 
@@ -350,13 +361,14 @@ def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_w
         assert len(scratch) == 6
         for arm in ("CMC", "MMV", "HCMoCo", "HCMoCo*"):
             assert pairs(group="table2", task=task, arm=arm, ratio=experiments.LOW) == scratch
-        for row in ("global", "hard", "soft"):
-            assert pairs(group="ladder", task=task, arm=row) == scratch
-            assert {c["init"] for r, c in runs.items() if r.group == "ladder" and r.arm == row} == {f"{row}.pt"}
+        for row in ("global", "hard", "soft"):  # from each pre-training seed
+            for arm in (experiments.seeded(row, seed) for seed in experiments.PRETRAIN_SEEDS):
+                assert pairs(group="ladder", task=task, arm=arm) == scratch
+                assert {c["init"] for r, c in runs.items() if r.group == "ladder" and r.arm == arm} == {f"{arm}.pt"}
     assert {c["init"] for r, c in runs.items() if r.arm == "HCMoCo*"} == {"imagenet.pt"}
     assert {c["init"] for r, c in runs.items() if r.arm == "MMV"} == {"MMV.pt"}  # its Table 2 runs and its probes
     for seed in experiments.NOISE_SEEDS:  # HCMoCo and CMC from the other pre-training seeds, on Table 2's pairs
-        for arm, init in (("HCMoCo", f"seed{seed}.pt"), ("CMC", f"CMC-seed{seed}.pt")):
+        for arm, init in (("HCMoCo", f"full-seed{seed}.pt"), ("CMC", f"CMC-seed{seed}.pt")):
             for task in experiments.PARSING:
                 assert pairs(group="noise", task=task, arm=f"{arm}-seed{seed}") == scratch
             assert {c["init"] for r, c in runs.items() if r.group == "noise" and r.arm == f"{arm}-seed{seed}"} == {init}
@@ -485,6 +497,21 @@ def test_image_bootstrap_interval_of_a_miou_difference():
     assert abs(d["mean"] - want) < 1e-4 and 0 < d["lo"] < d["mean"] < d["hi"] and d["n"] == 40
     same = experiments.image_bootstrap(a, a)
     assert same["lo"] == same["hi"] == same["mean"] == 0.0
+    assert experiments.image_bootstrap(a[None], b[None]) == pytest.approx(d)  # one pre-training: as [N, 3, K]
+
+
+def test_image_bootstrap_over_pre_trainings_holds_their_spread():
+    """Three pre-trainings whose probes differ from their controls by 1, 2 and 6 mIoU on every image alike: no
+    image resample moves a difference, so a one-level interval would be a point; resampling the pre-trainings
+    first reaches the smallest and the largest (each drawn three times in 1 / 27 > 2.5 % of resamples)."""
+    def counts(q):  # 4 images, 2 classes, each IoU q: [4, 3, 2] (intersection, union, truth)
+        return torch.tensor([[100 * q, 100 * q], [100.0, 100.0], [80.0, 60.0]], dtype=torch.float64).expand(4, 3, 2)
+
+    a = torch.stack([counts(0.5 + gain / 100) for gain in (1.0, 2.0, 6.0)])  # [3, 4, 3, 2]
+    b = torch.stack([counts(0.5)] * 3)
+    g = experiments.image_bootstrap(a, b)
+    assert (g["mean"], g["lo"], g["hi"], g["n"]) == pytest.approx((3.0, 1.0, 6.0, 4))
+    assert experiments.image_bootstrap(a[2], b[2])["lo"] == pytest.approx(6.0)
 
 
 def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
@@ -495,13 +522,19 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
     are image bootstraps of their per-image counts, the noise floor the spreads of the seeds, and the versatility
     table reads each head on the modality it is tested on."""
     ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("CMC", "MMV", "global", "hard", "soft", "full", "HCMoCo", "seed1", "seed2", "CMC-seed1",
-                          "CMC-seed2")}
+             for name in ("MMV", "HCMoCo", *(experiments.seeded(n, seed) for n in ("CMC", *experiments.LADDER)
+                                             for seed in experiments.PRETRAIN_SEEDS))}
     runs = experiments.grid(ckpts, quick=False)
-    offset = {"scratch": 10.0, "CMC": 13.0, "MMV": 14.0, "HCMoCo": 16.0, "global": 14.5, "hard": 15.0, "soft": 15.25,
-              "HCMoCo-seed1": 15.0, "CMC-seed1": 13.5, "HCMoCo-seed2": 17.0, "CMC-seed2": 12.0}
-    iou = {"random": 0.2, "pixels": 0.1, "CMC": 0.3, "MMV": 0.35, "global": 0.4, "hard": 0.5, "soft": 0.45,
-           "full": 0.6, "seed1": 0.55, "seed2": 0.62}
+    # each pre-training seed moves every Table 3 row alike (by -1 and +1; the probes by -0.05 and +0.02): its
+    # steps are the same from every seed, and the ladder pairs rows of one seed only
+    rows = {"global": 14.5, "hard": 15.0, "soft": 15.25}
+    offset = {"scratch": 10.0, "CMC": 13.0, "MMV": 14.0, "HCMoCo": 16.0, "HCMoCo-seed1": 15.0, "CMC-seed1": 13.5,
+              "HCMoCo-seed2": 17.0, "CMC-seed2": 12.0, **{experiments.seeded(row, seed): v + shift for row, v in
+                                                           rows.items() for seed, shift in ((0, 0), (1, -1), (2, 1))}}
+    iou = {"random": 0.2, "pixels": 0.1, "CMC": 0.3, "MMV": 0.35,
+           **{experiments.seeded(row, seed): v + shift for row, v in {"global": 0.4, "hard": 0.5, "soft": 0.45,
+                                                                      "full": 0.6}.items()
+              for seed, shift in ((0, 0), (1, -0.05), (2, 0.02))}}
 
     def level(run):  # shared by every arm on the same label subset and seed; different between pairs
         return 3.0 * run.subset + 0.5 * run.seed + (1.0 if run.task == "depth-parsing" else 0.0)
@@ -538,7 +571,8 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
         for row, prev in experiments.STEPS:
             g = s["ladder"][f"{task}/{row}-{prev}"]
             want = offset["HCMoCo" if row == "full" else row] - offset[prev]
-            assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((want, want, want))
+            assert (g["mean"], g["lo"], g["hi"], g["n"]) == pytest.approx((want, want, want, 18))
+        assert s["ladder"][task]["soft"] == pytest.approx(15.25 + sum(levels) / 6 + extra)  # over the seeds
         assert s["curves"][f"{task}/scratch/100"] == pytest.approx(10.0 + 3.0 + extra - 5.0)  # subset 1, seed 0
         assert s["noise"][f"{task}/finetune-seed"] == pytest.approx(0.5)
         for seed, want in ((0, 3.0), (1, 1.5), (2, 5.0)):  # each seed's pair of pre-trainings on its own
@@ -553,6 +587,7 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
             g = s["ladder"][f"{modality}-probe/{row}-{prev}"]
             want = 100 * (iou[row] - iou[prev])
             assert (g["mean"], g["lo"], g["hi"]) == pytest.approx((want, want, want)) and g["n"] == 5
+        assert s["ladder"][f"{modality}-probe"]["soft"] == pytest.approx(44.0)  # 45, 40, 47 from the three seeds
         assert s["noise"][f"{modality}-probe"]["values"] == pytest.approx([60.0, 55.0, 62.0])
         assert s["noise"][f"{modality}-probe"]["spread"] == pytest.approx(7.0)
     assert s["versatility"]["published/HCMoCo"] == dict(rgb_to_depth=21, rgb_to_rgb=22, depth_to_rgb=23,
@@ -564,7 +599,7 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
     assert "| HCMoCo − scratch | +6.0 [+6.0, +6.0], 6/6 | +6.0 [+6.0, +6.0], 6/6 |" in md
     assert "| HCMoCo | 60.0 | 60.0 |" in md and "| random network, same init | 20.0 | 20.0 |" in md
     soft_over_hard = ("| &nbsp;&nbsp; gain over the hard row | -5.0 [-5.0, -5.0] | -5.0 [-5.0, -5.0] | "
-                      "+0.2 [+0.2, +0.2], 6/6")
-    assert soft_over_hard in md
+                      "+0.2 [+0.2, +0.2], 18/18")
+    assert soft_over_hard in md and "| + dense, soft | 44.0 | 44.0 | 21.5 | 22.5 |" in md
     assert "| seeds 0, 1, 2 (resampled by pre-training, then by pair) | +3.2 [+1.5, +5.0], 18/18 |" in md
     assert "| published: HCMoCo | 21.0 (22.0) | 23.0 (24.0) | 25.0 | 26.0 | 27.0 |" in md
