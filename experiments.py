@@ -341,7 +341,7 @@ def summarise(measured, main_steps):
         for a, b in pairs + ([("HCMoCo*", "HCMoCo")] if "HCMoCo*" in arms else []):
             out["gains"][f"{task}/{a}-{b}"] = paired_gain(low[a], low[b])
         # HCMoCo - CMC from each pre-training seed (0: Table 2's), and over all of them
-        by_seed = {arm: [low[arm], *(miou(select(measured, group="noise", task=task, arm=f"{arm}-seed{s}"))
+        by_seed = {arm: [low[arm], *(miou(select(measured, group="noise", task=task, arm=seeded(arm, s)))
                                      for s in NOISE_SEEDS)] for arm in ("HCMoCo", "CMC")}  # [seeds][pairs]
         for s, a, b in zip(PRETRAIN_SEEDS, by_seed["HCMoCo"], by_seed["CMC"]):
             out["seeds"][f"{task}/seed{s}"] = paired_gain(a, b)
