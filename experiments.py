@@ -413,12 +413,12 @@ def results_markdown(s):
             "HCMoCo-scratch", "HCMoCo-CMC", "HCMoCo-MMV", "CMC-scratch", "HCMoCo*-HCMoCo").index(p)):
         lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(interval(s["gains"][f"{t}/{pair}"])
                                                                     for t in PARSING) + " |")
-    seeds = PRETRAIN_SEEDS
+    seeds = ", ".join(map(str, PRETRAIN_SEEDS))  # the tables' spelling of the pre-training seeds
     lines += ["", f"| HCMoCo − CMC at {LOW:.0%} labels, by pre-training seed | RGB parsing | depth parsing |",
               "|---|---|---|"]
-    for name, label in ((f"seed{k}", f"seed {k}{' (the table above)' if k == 0 else ''}") for k in seeds):
+    for name, label in ((f"seed{k}", f"seed {k}{' (the table above)' if k == 0 else ''}") for k in PRETRAIN_SEEDS):
         lines.append(f"| {label} | " + " | ".join(interval(s["seeds"][f"{t}/{name}"]) for t in PARSING) + " |")
-    lines.append(f"| seeds {', '.join(map(str, seeds))} (resampled by pre-training, then by pair) | "
+    lines.append(f"| seeds {seeds} (resampled by pre-training, then by pair) | "
                  + " | ".join(interval(s["seeds"][f"{t}/all"]) for t in PARSING) + " |")
     budgets = sorted({int(k.rsplit("/", 1)[1]) for k in s["curves"]})
     lines += ["", f"| fine-tuning steps ({LOW:.0%} labels, one subset and seed) | " + " | ".join(
@@ -431,7 +431,7 @@ def results_markdown(s):
     for arm, label in (("pixels", "pixel (x, y) + input"), ("random", "random network, same init"), ("CMC", "CMC"),
                        ("MMV", "MMV"), ("full", "HCMoCo")):
         lines.append(f"| {label} | {f(p['rgb'][arm])} | {f(p['depth'][arm])} |")
-    lines += ["", f"| Table 3 row (means over pre-training seeds {', '.join(map(str, seeds))}) | RGB probe | depth probe "
+    lines += ["", f"| Table 3 row (means over pre-training seeds {seeds}) | RGB probe | depth probe "
               f"| RGB parsing ({LOW:.0%}) | depth parsing ({LOW:.0%}) |", "|---|---|---|---|---|"]
     for row in LADDER:
         lines.append(f"| {LABELS[row]} | " + " | ".join(f(s["ladder"][t][row]) for t in (
@@ -442,12 +442,12 @@ def results_markdown(s):
     n = s["noise"]
     spread = lambda v: f"{f(v['spread'])} ({', '.join(map(f, v['values']))})"  # noqa: E731
     lines += ["", "| noise floor | RGB | depth |", "|---|---|---|",
-              f"| probe, pre-training seeds {', '.join(map(str, seeds))} (range) | "
+              f"| probe, pre-training seeds {seeds} (range) | "
               f"{spread(n['rgb-probe'])} | {spread(n['depth-probe'])} |",
               f"| {LOW:.0%}-label parsing, fine-tuning seeds 0 and 1 (mean range) | "
               f"{f(n['rgb-parsing/finetune-seed'])} | {f(n['depth-parsing/finetune-seed'])} |"]
     for arm in ("HCMoCo", "CMC"):
-        lines.append(f"| {arm}, {LOW:.0%}-label parsing, pre-training seeds {', '.join(map(str, seeds))} (range of "
+        lines.append(f"| {arm}, {LOW:.0%}-label parsing, pre-training seeds {seeds} (range of "
                      "the means) | " + " | ".join(spread(n[f"{t}/pretrain-seed"][arm]) for t in PARSING) + " |")
     lines += ["", "| protocol: contrastive targets | RGB -> depth mIoU (on RGB) | depth -> RGB (on depth) | "
               "missing-modal: RGB only | depth only | both |", "|---|---|---|---|---|---|"]

@@ -341,15 +341,20 @@ def test_the_sample_level_baselines_pretrain_one_stage_for_as_many_steps_as_hcmo
     assert len(configs) == len(experiments.PRETRAIN_SEEDS) * (1 + len(experiments.LADDER) + 1) + 1  # + CMC, + MMV
 
 
+def runner_checkpoints(checkpoint):
+    """experiments.pretraining's checkpoint names, each a stand-in path but CMC's (the grid reads its init)."""
+    return {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
+            for name in ("MMV", "HCMoCo", *(experiments.seeded(n, seed) for n in ("CMC", *experiments.LADDER)
+                                            for seed in experiments.PRETRAIN_SEEDS))}
+
+
 def test_the_experiment_grid_pairs_every_arm_and_runs_ours_star_from_the_given_weights(checkpoint):
     """Every arm of a comparison runs on the same label subsets and seeds (its gains are paired); each run has a
     folder of its own; the published versatility protocol starts every arm from the CMC checkpoint, the arms
     differing only in their contrastive targets; the MMV baseline runs on the same pairs from its own stage file;
     with --backbone-init weights, Ours* (HCMoCo pre-trained from them) joins Table 2 on the same pairs, and without
     them it is absent."""
-    ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("MMV", "HCMoCo", *(experiments.seeded(n, seed) for n in ("CMC", *experiments.LADDER)
-                                             for seed in experiments.PRETRAIN_SEEDS))}
+    ckpts = runner_checkpoints(checkpoint)
     runs = experiments.grid(dict(ckpts, imagenet="imagenet.pt"), quick=False)
     assert len({r.folder for r in runs}) == len(runs)
 
@@ -521,9 +526,7 @@ def test_the_tables_pair_every_comparison_by_label_subset_and_seed(checkpoint):
     pre-trainings whose gains differ by seed has an interval over all seeds that spans them. The probes' steps
     are image bootstraps of their per-image counts, the noise floor the spreads of the seeds, and the versatility
     table reads each head on the modality it is tested on."""
-    ckpts = {name: str(checkpoint) if name == "CMC" else f"{name}.pt"
-             for name in ("MMV", "HCMoCo", *(experiments.seeded(n, seed) for n in ("CMC", *experiments.LADDER)
-                                             for seed in experiments.PRETRAIN_SEEDS))}
+    ckpts = runner_checkpoints(checkpoint)
     runs = experiments.grid(ckpts, quick=False)
     # each pre-training seed moves every Table 3 row alike (by -1 and +1; the probes by -0.05 and +0.02): its
     # steps are the same from every seed, and the ladder pairs rows of one seed only
